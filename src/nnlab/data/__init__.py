@@ -1,0 +1,112 @@
+"""Datasets as in-memory tensors, and the one batch loader every task uses.
+
+A dataset factory (registered in `datasets`) takes its config dataclass and returns a `Dataset`: uint8
+(or integer) tensors per split plus a `DataSpec` saying what a model needs to know (input shape, classes,
+normalisation). Batches are sliced from those tensors; augmentation runs batched on tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from ..registry import Registry
+
+datasets = Registry("dataset")
+
+
+@dataclass
+class DataSpec:
+    """What a model and `nnlab predict` need to know about the inputs; stored with every checkpoint."""
+
+    input_shape: tuple[int, ...]  # one example, e.g. (C, H, W)
+    num_classes: int
+    classes: list[str]
+    mean: tuple[float, ...] = ()  # per-channel mean of inputs scaled to [0, 1]; () = no normalisation
+    std: tuple[float, ...] = ()
+
+
+@dataclass
+class Dataset:
+    spec: DataSpec
+    splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # name -> (x, y)
+
+
+def normalize(x: torch.Tensor, spec: DataSpec, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 images (B, C, H, W) -> float, scaled to [0, 1] and standardised per channel."""
+    x = x.to(dtype).div_(255.0)
+    if spec.mean:
+        mean = torch.tensor(spec.mean, dtype=dtype, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(spec.std, dtype=dtype, device=x.device).view(1, -1, 1, 1)
+        x = x.sub_(mean).div_(std)
+    return x
+
+
+@dataclass
+class Augment:
+    """Batched image augmentation on uint8 tensors (B, C, H, W)."""
+
+    crop_padding: int = 0  # random translation by up to this many pixels (zero-padded random crop)
+    flip: str = "none"  # none | random | alternate (each image flipped on every other epoch, random start)
+    seed: int = 0
+
+    def __call__(self, x: torch.Tensor, idx: torch.Tensor, epoch: int, gen: torch.Generator) -> torch.Tensor:
+        if self.flip == "random":
+            mask = torch.rand(len(x), generator=gen, device=x.device) < 0.5
+            x = torch.where(mask.view(-1, 1, 1, 1), x.flip(-1), x)
+        elif self.flip == "alternate":  # derandomised flips (Jordan 2024, airbench)
+            base = ((idx * 2654435761 + self.seed * 97) >> 13) & 1  # fixed pseudo-random bit per image
+            mask = (base ^ (epoch % 2)).bool()
+            x = torch.where(mask.view(-1, 1, 1, 1), x.flip(-1), x)
+        p = self.crop_padding
+        if p:
+            b, c, h, w = x.shape
+            xp = torch.nn.functional.pad(x, (p, p, p, p))
+            dy = torch.randint(0, 2 * p + 1, (b,), generator=gen, device=x.device)
+            dx = torch.randint(0, 2 * p + 1, (b,), generator=gen, device=x.device)
+            rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (B, 1, H, 1)
+            cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # (B, 1, 1, W)
+            bi = torch.arange(b, device=x.device)[:, None, None, None]
+            ci = torch.arange(c, device=x.device)[None, :, None, None]
+            x = xp[bi, ci, rows, cols]  # (B, C, H, W)
+        return x
+
+
+class Loader:
+    """Batches sliced from in-memory tensors.
+
+    The order of an epoch is a pure function of (seed, epoch), and augmentation of (seed, epoch, batch),
+    so a run resumed at any batch sees exactly the data an uninterrupted run would. Under distributed
+    training each global batch is cut into `world` equal shards and rank r takes shard r.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool = False,
+                 drop_last: bool = False, seed: int = 0, augment: Augment | None = None,
+                 rank: int = 0, world: int = 1, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.x, self.y = x.to(self.device), y.to(self.device)  # small datasets: hold them where we compute
+        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
+        self.seed, self.augment, self.rank, self.world = seed, augment, rank, world
+
+    def __len__(self) -> int:
+        n = len(self.x)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def epoch(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (x, y) batches of `epoch`, beginning at batch index `start`."""
+        n = len(self.x)
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(n, generator=g).to(self.device)
+        else:
+            order = torch.arange(n, device=self.device)
+        for i in range(start, len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            idx = idx.tensor_split(self.world)[self.rank]
+            x = self.x[idx]
+            if self.augment is not None:
+                g = torch.Generator(device=self.device).manual_seed((self.seed * 1_000_003 + epoch) * 100_003 + i)
+                x = self.augment(x, idx, epoch, g)
+            yield x, self.y[idx]
