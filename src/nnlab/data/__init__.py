@@ -7,7 +7,7 @@ normalisation). Batches are sliced from those tensors; augmentation runs batched
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -34,9 +34,12 @@ class Dataset:
     splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # name -> (x, y)
 
 
-def normalize(x: torch.Tensor, spec: DataSpec, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 images (B, C, H, W) -> float, scaled to [0, 1] and standardised per channel."""
+def normalize(x: torch.Tensor, spec: DataSpec, channels_last: bool = False) -> torch.Tensor:
+    """uint8 images (B, C, H, W) -> float32, scaled to [0, 1] and standardised per channel."""
+    dtype = torch.float32
     x = x.to(dtype).div_(255.0)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     if spec.mean:
         mean = torch.tensor(spec.mean, dtype=dtype, device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(spec.std, dtype=dtype, device=x.device).view(1, -1, 1, 1)
@@ -84,11 +87,13 @@ class Loader:
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool = False,
                  drop_last: bool = False, seed: int = 0, augment: Augment | None = None,
-                 rank: int = 0, world: int = 1, device: torch.device | str = "cpu"):
+                 rank: int = 0, world: int = 1, device: torch.device | str = "cpu",
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.device = torch.device(device)
         self.x, self.y = x.to(self.device), y.to(self.device)  # small datasets: hold them where we compute
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
         self.seed, self.augment, self.rank, self.world = seed, augment, rank, world
+        self.transform = transform  # applied to each batch's inputs last, on the device (e.g. normalize)
 
     def __len__(self) -> int:
         n = len(self.x)
@@ -107,6 +112,10 @@ class Loader:
             idx = idx.tensor_split(self.world)[self.rank]
             x = self.x[idx]
             if self.augment is not None:
-                g = torch.Generator(device=self.device).manual_seed((self.seed * 1_000_003 + epoch) * 100_003 + i)
+                g = torch.Generator(device=self.device)
+                g.manual_seed((self.seed * 1_000_003 + epoch) * 100_003 + i)
                 x = self.augment(x, idx, epoch, g)
-            yield x, self.y[idx]
+            yield (self.transform(x) if self.transform else x), self.y[idx]
+
+
+from . import vision  # noqa: E402,F401  (registers the image datasets)

@@ -1,0 +1,236 @@
+"""The `nnlab` command line: one subcommand per verb. Imports are lazy so `nnlab --help` is instant.
+
+Exit codes: 0 success, 2 usage/config/input error (one clear message), 1 runtime failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+EPILOG = "Run `nnlab COMMAND --help` for a command's options. Docs: README.md, docs/."
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nnlab", description="Deep-learning workbench: train, evaluate, predict, "
+                                "compare and report, from recipes.", epilog=EPILOG)
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("recipes", help="list the shipped recipes (or print one)")
+    s.add_argument("name", nargs="?", help="print this recipe's YAML")
+
+    s = sub.add_parser("train", help="train a recipe; prints the run folder last",
+                       description="Train a recipe. Override any config field with key=value, e.g. "
+                       "`nnlab train mnist-cnn train.epochs=3 train.lr=2e-3`.")
+    s.add_argument("recipe", nargs="?", default=None, help="recipe name or YAML path (default: digits-cnn)")
+    s.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=3")
+    s.add_argument("--out", default="runs", help="folder for run folders (default: ./runs)")
+    s.add_argument("--resume", metavar="RUN", help="continue this interrupted run from its last checkpoint")
+    s.add_argument("--data-dir", help="folder holding the dataset folders (else $NNLAB_DATA, then ~/.cache/nnlab)")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar: one line per epoch (logs, CI)")
+    s.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+    s = sub.add_parser("eval", help="evaluate a run's checkpoint on a split")
+    s.add_argument("run", help="run folder")
+    s.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    s.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint (default: best)")
+    s.add_argument("--tta", choices=["none", "flip", "flip_translate"], help="test-time augmentation")
+    s.add_argument("--data-dir", help="folder holding the dataset folders")
+    s.add_argument("--json", action="store_true", help="print JSON")
+
+    s = sub.add_parser("predict", help="predict the class of image files")
+    s.add_argument("run", help="run folder or checkpoint folder")
+    s.add_argument("files", nargs="+", help="image files (PNG, JPEG, ...)")
+    s.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    s.add_argument("--top", type=int, default=1, help="show the top K classes")
+    s.add_argument("--json", action="store_true", help="print JSON lines")
+
+    s = sub.add_parser("runs", help="compare runs in a table")
+    s.add_argument("root", nargs="?", default="runs", help="folder of run folders (default: ./runs)")
+    s.add_argument("--json", action="store_true", help="print JSON")
+
+    s = sub.add_parser("report", help="(re)render a run's plots and report.md")
+    s.add_argument("run", help="run folder")
+    s.add_argument("--data-dir", help="folder holding the dataset folders (for the predictions grid)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.version:
+        from . import __version__
+
+        print(__version__)
+        return 0
+    if not args.command:
+        _parser().print_help()
+        return 2
+    if getattr(args, "data_dir", None):
+        os.environ["NNLAB_DATA"] = str(Path(args.data_dir).resolve())
+    from .errors import UserError
+
+    try:
+        return COMMANDS[args.command](args) or 0
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"nnlab {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"nnlab {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a runtime failure: one line unless --debug
+        if args.debug:
+            raise
+        print(f"nnlab {args.command}: failed: {e.__class__.__name__}: {e} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+def cmd_recipes(args) -> int:
+    from .config import recipe_names, recipe_text
+    from .errors import UserError, did_you_mean
+
+    names = recipe_names()
+    if args.name:
+        if args.name not in names:
+            raise UserError(f"unknown recipe '{args.name}'{did_you_mean(args.name, names)}")
+        print(recipe_text(args.name), end="")
+        return 0
+    import yaml
+
+    for n in names:
+        doc = yaml.safe_load(recipe_text(n)) or {}
+        m, d = doc.get("model", {}).get("name", "?"), doc.get("data", {}).get("name", "?")
+        first = recipe_text(n).splitlines()[0].lstrip("# ") if recipe_text(n).startswith("#") else ""
+        print(f"{n:16s} {m:10s} {d:10s} {first}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .config import load_config
+    from .errors import UserError
+
+    recipe, overrides = args.recipe, list(args.overrides)
+    if recipe and "=" in recipe:  # `nnlab train train.epochs=1`: the default recipe with an override
+        overrides.insert(0, recipe)
+        recipe = None
+    if args.resume:
+        if recipe:
+            raise UserError("--resume takes the run folder; do not also name a recipe")
+        from .trainer import resume
+
+        folder = resume(args.resume, tuple(overrides), quiet=args.quiet)
+    else:
+        cfg = load_config(recipe or "digits-cnn", tuple(overrides))
+        if args.print_config:
+            print(cfg.to_yaml(), end="")
+            return 0
+        from .trainer import fit
+
+        folder = fit(cfg, out=args.out, quiet=args.quiet)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(folder)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .infer import evaluate_run
+
+    res = evaluate_run(args.run, args.split, args.checkpoint, tta=args.tta)
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    print(f"{res['run']}  split={res['split']}  checkpoint={res['checkpoint']}")
+    for k, v in res["metrics"].items():
+        print(f"  {args.split}/{k:16s} {v:.4f}")
+    if "report" in res:
+        print("\n" + res["report"])
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .infer import predict_files
+
+    results = predict_files(args.run, args.files, args.checkpoint, top=args.top)
+    for r in results:
+        if args.json:
+            print(json.dumps(r))
+        elif "error" in r:
+            print(f"{r['file']}\terror: {r['error']}")
+        else:
+            extra = "  " + ", ".join(f"{c} {p:.3f}" for c, p in r["top"][1:]) if args.top > 1 else ""
+            print(f"{r['file']}\t{r['class']}\t{r['prob']:.4f}{extra}")
+    bad = sum("error" in r for r in results)
+    if bad:
+        print(f"nnlab predict: error: {bad} of {len(results)} files could not be read", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from . import run as R
+    from .errors import UserError
+
+    root = Path(args.root)
+    if not root.is_dir():
+        raise UserError(f"no runs folder '{root}'; train something first (`nnlab train`) or name the folder")
+    rows = []
+    for path in R.list_runs(root):
+        cfg = R.read_config(path)
+        s = R.read_json(path / R.SUMMARY) if (path / R.SUMMARY).exists() else {}
+        final = s.get("final", {})
+        rows.append({"run": path.name, "model": cfg.get("model", {}).get("name"), "data": cfg.get("data", {}).get(
+            "name"), "status": s.get("status", "incomplete"), "epochs": s.get("epochs"),
+            "test/acc": final.get("test/acc"), "test/loss": final.get("test/loss"),
+            "best": (s.get("best") or {}), "time_s": s.get("wall_time_s"), "samples/s": s.get("samples_per_s")})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no runs in {root}")
+        return 0
+    head = ["run", "model", "data", "status", "epochs", "test/acc", "test/loss", "time_s", "samples/s"]
+    table = [[_cell(r[h]) for h in head] for r in rows]
+    widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(head)]
+    print("  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)))
+    for t in table:
+        print("  ".join(c.ljust(w) for c, w in zip(t, widths, strict=True)))
+    return 0
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def cmd_report(args) -> int:
+    from . import run as R
+    from .config import load_config
+    from .data import datasets, normalize
+    from .errors import UserError
+    from .infer import load_model
+    from .report import write_report
+
+    path = R.check_run(args.run)
+    cfg = load_config(R.read_config(path))
+    model = task = data = None
+    try:
+        loaded = load_model(path)
+        model, task = loaded.model, loaded.task
+        data = datasets[cfg.data.name].factory(cfg.data)
+    except UserError as e:
+        print(f"nnlab report: note: no predictions grid ({e})", file=sys.stderr)
+    out = write_report(path, task, model, data, (lambda b: normalize(b, data.spec)) if data else None)
+    print(out)
+    return 0
+
+
+COMMANDS = {"recipes": cmd_recipes, "train": cmd_train, "eval": cmd_eval, "predict": cmd_predict,
+            "runs": cmd_runs, "report": cmd_report}

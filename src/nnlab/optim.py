@@ -1,0 +1,126 @@
+"""Optimizers, learning-rate schedules and the exponential moving average of weights."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def param_groups(model: nn.Module, cfg: Any) -> list[dict[str, Any]]:
+    """Split parameters: weight decay only on >=2-D weights (not biases or norm scales), and with
+    `optimizer=muon`, Muon for the hidden >=2-D weights (not the first layer or the head)."""
+    if hasattr(model, "param_groups"):
+        return model.param_groups()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    matrices = [n for n, p in named if p.ndim >= 2]
+    edge = {matrices[0], matrices[-1]} if matrices else set()  # first layer, head
+    groups: dict[str, list] = {"muon": [], "decay": [], "no_decay": []}
+    for n, p in named:
+        if cfg.optimizer == "muon" and p.ndim >= 2 and n not in edge:
+            groups["muon"].append(p)
+        else:
+            groups["decay" if p.ndim >= 2 else "no_decay"].append(p)
+    out = [{"params": groups["decay"], "weight_decay": cfg.weight_decay},
+           {"params": groups["no_decay"], "weight_decay": 0.0}]
+    if groups["muon"]:
+        out.append({"params": groups["muon"], "optimizer": "muon"})
+    return [g for g in out if g["params"]]
+
+
+class Optimizers:
+    """One or two torch optimizers stepped together (Muon for matrices beside SGD/AdamW for the rest)."""
+
+    def __init__(self, opts: list[torch.optim.Optimizer]):
+        self.opts = opts
+
+    def step(self) -> None:
+        for o in self.opts:
+            o.step()
+
+    def zero_grad(self) -> None:
+        for o in self.opts:
+            o.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> list[dict]:
+        return [o.state_dict() for o in self.opts]
+
+    def load_state_dict(self, states: list[dict]) -> None:
+        for o, s in zip(self.opts, states, strict=True):
+            o.load_state_dict(s)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.opts for g in o.param_groups]
+
+
+def build_optimizer(model: nn.Module, cfg: Any) -> Optimizers:
+    groups = param_groups(model, cfg)
+    rest = [g for g in groups if g.get("optimizer") != "muon"]
+    for g in groups:
+        g.setdefault("base_lr", cfg.lr * g.pop("lr_scale", 1.0))
+        g["lr"] = g["base_lr"]
+    opts: list[torch.optim.Optimizer] = []
+    if cfg.optimizer in ("sgd", "muon"):
+        opts.append(torch.optim.SGD(rest, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                    weight_decay=cfg.weight_decay))
+    else:
+        opts.append(torch.optim.AdamW(rest, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay))
+    muon = [g for g in groups if g.get("optimizer") == "muon"]
+    if muon:
+        from .muon import Muon
+
+        for g in muon:
+            g["base_lr"] = g["lr"] = cfg.muon_lr
+        opts.append(Muon(muon, lr=cfg.muon_lr, momentum=cfg.muon_momentum, nesterov=True))
+    return Optimizers(opts)
+
+
+def lr_factor(step: int, total: int, cfg: Any) -> float:
+    """Multiplier of the base learning rate at `step` of `total`: linear warm-up over the first
+    `warmup` fraction, then constant, cosine or linear decay to `min_lr`; `onecycle` is a linear
+    ramp up then down (the schedule of Smith & Topin 2018 in its simplest, triangular form)."""
+    warm = int(cfg.warmup * total)
+    if cfg.schedule == "onecycle":
+        peak = max(warm, 1)
+        return step / peak if step < peak else max(cfg.min_lr, 1 - (1 - cfg.min_lr) * (step - peak) / max(total - peak, 1))
+    if step < warm:
+        return (step + 1) / warm
+    t = (step - warm) / max(total - warm, 1)
+    if cfg.schedule == "cosine":
+        return cfg.min_lr + (1 - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * t))
+    if cfg.schedule == "linear":
+        return 1 - (1 - cfg.min_lr) * t
+    return 1.0
+
+
+def set_lr(opt: Optimizers, factor: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = g["base_lr"] * factor
+
+
+class EMA:
+    """Exponential moving average of parameters and buffers, evaluated in place of the raw weights."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.model = _copy(model)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for e, m in zip(self.model.state_dict().values(), model.state_dict().values(), strict=True):
+            if e.dtype.is_floating_point:
+                e.lerp_(m, 1 - self.decay)
+            else:
+                e.copy_(m)
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    import copy
+
+    ema = copy.deepcopy(model)
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    return ema

@@ -1,0 +1,26 @@
+"""Tasks own the objective and the metrics, so one training loop serves every family.
+
+A task is built from its config dataclass and the data's `DataSpec` and answers:
+- `step(model, batch) -> {"loss": tensor, **scalar extras}`: one training objective evaluation;
+  the trainer backpropagates `loss` and logs every entry under `train/`.
+- `eval_stats(model, batch) -> {name: tensor}`: additive sufficient statistics of one batch (counts,
+  sums, a confusion matrix). The evaluator sums them over batches and processes (all-reduce), so
+  metrics are exact under distributed evaluation.
+- `metrics(stats) -> {name: float}`: final metrics from the summed statistics.
+- `predict(model, x) -> tensor`: model outputs for new inputs (probabilities for classifiers).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..registry import Registry
+
+tasks = Registry("task")
+
+
+def build(cfg: Any, spec: Any) -> Any:
+    return tasks[cfg.name].factory(cfg, spec)
+
+
+from . import classification  # noqa: E402,F401  (registers the tasks)
