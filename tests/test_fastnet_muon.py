@@ -31,8 +31,8 @@ def test_fastnet_forward_backward_shapes() -> None:
     out = model(x)
     assert out.shape == (2, 10)
     out.sum().backward()
-    assert model.whiten.conv.weight.grad is None and not model.whiten.conv.weight.requires_grad
-    assert model.whiten.conv.bias.grad is not None
+    assert model.whiten.weight.grad is None and not model.whiten.weight.requires_grad
+    assert model.whiten.bias.grad is not None
     assert model.groups[0].norm1.weight.grad is None  # BN scale frozen at 1, only the shift trains
     assert all(c.grad is not None for c in model.groups.parameters() if c.ndim == 4)
 
@@ -52,7 +52,7 @@ def test_whitening_decorrelates_patches() -> None:
     x = correlated_images()
     layer = PatchWhiten(3, patch=2, eps=1e-6)
     layer.init_from_data(x)
-    w = layer.conv.weight  # (24, 3, 2, 2)
+    w = layer.weight  # (24, 3, 2, 2)
     d = layer.dim
     assert torch.equal(w[d:], -w[:d])
     y = F.conv2d(x, w[:d])  # (n, 12, 15, 15): whitened patches, no bias

@@ -64,19 +64,23 @@ def plot_confusion(cm: list[list[int]], classes: list[str], path: Path) -> None:
 
 
 def plot_predictions(images: torch.Tensor, true: list[str], pred: list[str], prob: list[float], path: Path) -> None:
-    """A grid of uint8 images (N, C, H, W) titled 'pred (p) / true', wrong ones in red."""
+    """A grid of uint8 images (N, C, H, W) captioned 'pred (p) / true', wrong ones in red. Drawn as one
+    mosaic on one axes (a subplot per image is ~10x slower)."""
     plt = _plt()
-    n = len(images)
+    n, c, h, w = images.shape
     cols = min(8, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.5 * cols, 1.75 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for i, ax in enumerate(axes.flat[:n]):
-        img = images[i].permute(1, 2, 0).numpy()
-        ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None)
-        ax.set_title(f"{pred[i]} ({prob[i]:.2f})\ntrue {true[i]}", fontsize=7,
-                     color="black" if pred[i] == true[i] else "red")
+    grid = torch.full((rows * (h + 1), cols * (w + 1), c), 255, dtype=torch.uint8)
+    for i in range(n):
+        r, q = divmod(i, cols)
+        grid[r * (h + 1):r * (h + 1) + h, q * (w + 1):q * (w + 1) + w] = images[i].permute(1, 2, 0)
+    fig, ax = plt.subplots(figsize=(1.5 * cols, 1.6 * rows))
+    ax.imshow(grid[..., 0] if c == 1 else grid, cmap="gray" if c == 1 else None, interpolation="nearest")
+    for i in range(n):
+        r, q = divmod(i, cols)
+        ax.text(q * (w + 1) + w / 2, r * (h + 1) - 0.15 * h, f"{pred[i]} ({prob[i]:.2f}) / {true[i]}",
+                ha="center", va="bottom", fontsize=6, color="black" if pred[i] == true[i] else "red")
+    ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

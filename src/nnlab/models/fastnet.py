@@ -65,23 +65,24 @@ class ConvGroup(nn.Module):
         return F.gelu(self.norm2(self.conv2(x)))
 
 
-class PatchWhiten(nn.Module):
+class PatchWhiten(nn.Conv2d):
     """k x k conv, no padding, 2*C*k*k filters: the whitening directions of the patches and their negations.
 
-    The weight is frozen (requires_grad=False) and set by `init_from_data`; the bias is trainable.
+    The weight is frozen (requires_grad=False) and set by `init_from_data`; the bias (PyTorch's default
+    uniform init) is trainable. Parameter names end in `whiten.weight` / `whiten.bias`.
     """
 
     def __init__(self, channels: int, patch: int, eps: float):
-        super().__init__()
         self.eps = eps
         self.dim = channels * patch * patch  # d = C*k*k values per patch
-        self.conv = nn.Conv2d(channels, 2 * self.dim, patch, padding=0, bias=True)
-        self.conv.weight.requires_grad_(False)
+        # (B, C, H, W) -> (B, 2d, H-k+1, W-k+1)
+        super().__init__(channels, 2 * self.dim, patch, padding=0, bias=True)
+        self.weight.requires_grad_(False)
 
     @torch.no_grad()
     def init_from_data(self, x: Tensor, chunk: int = 500) -> None:
         """Set the filters from images x (N, C, H, W), already normalised like the training inputs."""
-        k = self.conv.kernel_size[0]
+        k = self.kernel_size[0]
         with torch.autocast(x.device.type, enabled=False):
             cov = x.new_zeros(self.dim, self.dim, dtype=torch.float32)
             n = 0
@@ -94,11 +95,8 @@ class PatchWhiten(nn.Module):
             evals, evecs = torch.linalg.eigh(cov)  # ascending eigenvalues; eigenvectors are the columns
             # (d, d): row i projects a patch onto eigenvector i and rescales its variance to ~1
             w = evecs.T / torch.sqrt(evals + self.eps)[:, None]
-            w = w.reshape(self.dim, *self.conv.weight.shape[1:])  # (d, C, k, k)
-        self.conv.weight.copy_(torch.cat([w, -w]).to(self.conv.weight))  # (2d, C, k, k)
-
-    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, 2d, H-k+1, W-k+1)
-        return self.conv(x)
+            w = w.reshape(self.dim, *self.weight.shape[1:])  # (d, C, k, k)
+        self.weight.copy_(torch.cat([w, -w]).to(self.weight))  # (2d, C, k, k)
 
 
 @dataclass
