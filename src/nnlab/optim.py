@@ -10,23 +10,30 @@ from torch import nn
 
 
 def param_groups(model: nn.Module, cfg: Any) -> list[dict[str, Any]]:
-    """Split parameters: weight decay only on >=2-D weights (not biases or norm scales), and with
-    `optimizer=muon`, Muon for the hidden >=2-D weights (not the first layer or the head)."""
+    """Split the trainable parameters by a general rule:
+    - `optimizer=muon`: Muon for the hidden >=2-D weights (every matrix/filter but the model's first
+      layer and its head, which stay with SGD, as in Jordan's Muon recipe);
+    - weight decay only on >=2-D weights (not on biases or norm parameters);
+    - the head (the last >=2-D weight) at learning rate `head_lr` when that is set.
+    A model may instead define `param_groups()` itself."""
     if hasattr(model, "param_groups"):
         return model.param_groups()
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    matrices = [n for n, p in named if p.ndim >= 2]
-    edge = {matrices[0], matrices[-1]} if matrices else set()  # first layer, head
-    groups: dict[str, list] = {"muon": [], "decay": [], "no_decay": []}
-    for n, p in named:
-        if cfg.optimizer == "muon" and p.ndim >= 2 and n not in edge:
+    matrices = [n for n, p in model.named_parameters() if p.ndim >= 2]
+    first, head = (matrices[0], matrices[-1]) if matrices else (None, None)
+    groups: dict[str, list] = {"muon": [], "decay": [], "no_decay": [], "head": []}
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if n == head and cfg.head_lr:
+            groups["head"].append(p)
+        elif cfg.optimizer == "muon" and p.ndim >= 2 and n not in (first, head):
             groups["muon"].append(p)
         else:
             groups["decay" if p.ndim >= 2 else "no_decay"].append(p)
     out = [{"params": groups["decay"], "weight_decay": cfg.weight_decay},
-           {"params": groups["no_decay"], "weight_decay": 0.0}]
-    if groups["muon"]:
-        out.append({"params": groups["muon"], "optimizer": "muon"})
+           {"params": groups["no_decay"], "weight_decay": 0.0},
+           {"params": groups["head"], "weight_decay": cfg.weight_decay, "lr_scale": cfg.head_lr / cfg.lr},
+           {"params": groups["muon"], "optimizer": "muon"}]
     return [g for g in out if g["params"]]
 
 
@@ -74,7 +81,8 @@ def build_optimizer(model: nn.Module, cfg: Any) -> Optimizers:
 
         for g in muon:
             g["base_lr"] = g["lr"] = cfg.muon_lr
-        opts.append(Muon(muon, lr=cfg.muon_lr, momentum=cfg.muon_momentum, nesterov=True))
+        opts.append(Muon(muon, lr=cfg.muon_lr, momentum=cfg.muon_momentum, nesterov=True,
+                         ns_steps=cfg.muon_ns_steps, normalize_weights=cfg.muon_normalize))
     return Optimizers(opts)
 
 

@@ -46,6 +46,9 @@ class TrainConfig:
     weight_decay: float = 0.0  # decoupled (AdamW) or L2 (SGD) weight decay on >=2-D weights
     muon_lr: float = 0.02  # learning rate of Muon's parameter group
     muon_momentum: float = 0.95  # Muon momentum (Nesterov)
+    muon_ns_steps: int = 5  # Newton-Schulz iterations orthogonalising each Muon update
+    muon_normalize: bool = False  # rescale each Muon weight to Frobenius norm sqrt(rows) before its step
+    head_lr: float = 0.0  # learning rate of the head (the model's last weight matrix); 0: same as lr
     schedule: str = "cosine"  # learning-rate schedule: constant | cosine | linear | onecycle
     warmup: float = 0.0  # fraction of all steps spent in linear warm-up (the peak for onecycle)
     min_lr: float = 0.0  # final learning rate as a fraction of the peak
