@@ -61,7 +61,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "train":  # overrides may follow options: `nnlab train mnist-cnn -q train.epochs=3`
+        args.overrides += [e for e in extra if "=" in e and not e.startswith("-")]
+        extra = [e for e in extra if "=" not in e or e.startswith("-")]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.version:
         from . import __version__
 
@@ -70,8 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         _parser().print_help()
         return 2
-    if getattr(args, "data_dir", None):
-        os.environ["NNLAB_DATA"] = str(Path(args.data_dir).resolve())
+    if getattr(args, "data_dir", None):  # every dataset config has data_dir, searched before $NNLAB_DATA
+        args.data_override = [f"data.data_dir={Path(args.data_dir).resolve()}"]
+    else:
+        args.data_override = []
     from .errors import UserError
 
     try:
@@ -125,9 +133,9 @@ def cmd_train(args) -> int:
             raise UserError("--resume takes the run folder; do not also name a recipe")
         from .trainer import resume
 
-        folder = resume(args.resume, tuple(overrides), quiet=args.quiet)
+        folder = resume(args.resume, tuple(args.data_override + overrides), quiet=args.quiet)
     else:
-        cfg = load_config(recipe or "digits-cnn", tuple(overrides))
+        cfg = load_config(recipe or "digits-cnn", tuple(args.data_override + overrides))
         if args.print_config:
             print(cfg.to_yaml(), end="")
             return 0
@@ -142,7 +150,7 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from .infer import evaluate_run
 
-    res = evaluate_run(args.run, args.split, args.checkpoint, tta=args.tta)
+    res = evaluate_run(args.run, args.split, args.checkpoint, data_dir=args.data_dir, tta=args.tta)
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
@@ -219,7 +227,7 @@ def cmd_report(args) -> int:
     from .report import write_report
 
     path = R.check_run(args.run)
-    cfg = load_config(R.read_config(path))
+    cfg = load_config(R.read_config(path), args.data_override)
     model = task = data = None
     try:
         loaded = load_model(path)

@@ -118,9 +118,12 @@ def load_config(recipe: str | Path | dict = "digits-cnn", overrides: list[str] |
     """Resolve a recipe (name, path or dict), dotted `key=value` overrides and keyword sections
     (e.g. `train={"epochs": 3}`) into a validated `Config`."""
     user = OmegaConf.create(_read_recipe(recipe))
-    if sections:
-        user = OmegaConf.merge(user, OmegaConf.create(sections))
-    user = OmegaConf.merge(user, _parse_overrides(list(overrides)))
+    for change in (OmegaConf.create(sections), _parse_overrides(list(overrides))):
+        for s in SECTIONS:  # a new family for a section: the recipe's options for the old one no longer apply
+            new, old = OmegaConf.select(change, f"{s}.name"), OmegaConf.select(user, f"{s}.name")
+            if new is not None and old is not None and new != old:
+                user[s] = {}
+        user = OmegaConf.merge(user, change)
     for key in user.keys():
         if key != "name" and key not in SECTIONS:
             raise UserError(f"unknown config key '{key}'{did_you_mean(str(key), ['name', *SECTIONS])}; "

@@ -49,7 +49,7 @@ def plot_confusion(cm: list[list[int]], classes: list[str], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(1.0 + 0.55 * k, 0.8 + 0.5 * k))
     m = torch.tensor(cm, dtype=torch.float64)
     norm = m / m.sum(1, keepdim=True).clamp(min=1)
-    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.imshow(norm.numpy(), cmap="Blues", vmin=0, vmax=1)
     for i in range(k):
         for j in range(k):
             ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=7,
@@ -75,6 +75,7 @@ def plot_predictions(images: torch.Tensor, true: list[str], pred: list[str], pro
         r, q = divmod(i, cols)
         grid[r * (h + 1):r * (h + 1) + h, q * (w + 1):q * (w + 1) + w] = images[i].permute(1, 2, 0)
     fig, ax = plt.subplots(figsize=(1.5 * cols, 1.6 * rows))
+    grid = grid.numpy()
     ax.imshow(grid[..., 0] if c == 1 else grid, cmap="gray" if c == 1 else None, interpolation="nearest")
     for i in range(n):
         r, q = divmod(i, cols)

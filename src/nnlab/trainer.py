@@ -195,7 +195,10 @@ class Trainer:
             self.eval_model().load_state_dict(weights)
             if self.ema:
                 self.model.load_state_dict(st["raw_model"])
+            base_lrs = [g["base_lr"] for g in self.opt.param_groups]  # from the config: overrides win
             self.opt.load_state_dict(st["optimizer"])
+            for g, lr in zip(self.opt.param_groups, base_lrs, strict=True):
+                g["base_lr"] = lr
             self.scaler.load_state_dict(st["scaler"])
             torch.set_rng_state(st["rng"][self.env.rank % len(st["rng"])])
             self.state = st["state"]

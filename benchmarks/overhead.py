@@ -1,0 +1,248 @@
+"""Trainer overhead: training images/s of one CNN in nnlab, a hand-written PyTorch loop, Keras 3, Lightning.
+
+Run from the repository root, alone on the machine (other load skews every number):
+
+    NNLAB_DATA=../shared/data PYTHONPATH=src /tmp/benchvenv/bin/python benchmarks/overhead.py --steps 300
+
+/tmp/benchvenv keeps Keras and Lightning out of the project venv (pin torch, or pip pulls a CUDA build):
+
+    python3 -m venv /tmp/benchvenv && /tmp/benchvenv/bin/pip install torch==2.13.0 numpy omegaconf \
+        safetensors tqdm matplotlib scikit-learn pillow tensorboard keras lightning
+
+Each framework trains recipe mnist-cnn's model (nnlab's `cnn`; in Keras the same layers, widths, dropout and
+BatchNorm, channels-first) on the 55,000 in-memory MNIST training images with the same batch, AdamW (lr,
+betas, decay on >=2-D weights), label smoothing, precision and threads. Each crops uint8 batches with
+nnlab.data.Augment (--crop-padding; default 0: none, as the issue asks), then runs nnlab.data.normalize.
+Throughput: images of steps warmup+1..steps / their wall time (no data decode or evaluation in it). CPU only.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["KERAS_BACKEND"] = "torch"  # must precede any keras import
+
+import argparse
+import importlib.util
+import json
+import logging
+import platform
+import statistics
+import tempfile
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import nnlab
+from nnlab.config import Config, load_config
+from nnlab.data import Augment, DataSpec, datasets, normalize
+from nnlab.models import build
+
+FRAMEWORKS = ("nnlab", "torch", "keras", "lightning")  # torch: the hand-written loop, the reference
+LABELS = {"nnlab": "nnlab", "torch": "PyTorch loop", "keras": "Keras 3 (torch)", "lightning": "Lightning"}
+NO_IDX = torch.empty(0, dtype=torch.long)  # Augment reads image indices only for flip='alternate'
+
+
+@dataclass
+class Setup:
+    args: argparse.Namespace
+    cfg: Config  # recipe mnist-cnn with the command line's crop padding and batch size
+    spec: DataSpec
+    x: Tensor  # (N, 1, 28, 28) uint8 training images
+    y: Tensor  # (N,) int64 labels
+
+    def prep(self, x: Tensor, gen: torch.Generator) -> Tensor:
+        """uint8 batch -> cropped, standardised float32 batch: the same work in every framework."""
+        return normalize(Augment(self.args.crop_padding)(x, NO_IDX, 0, gen), self.spec)
+
+    def model(self) -> nn.Module:
+        torch.manual_seed(0)
+        return build("cnn", self.cfg.model, self.spec)
+
+    def adamw(self, model: nn.Module) -> torch.optim.AdamW:
+        t = self.cfg.train  # weight decay on >=2-D weights only, as nnlab.optim.param_groups
+        groups = [{"params": [p for p in model.parameters() if (p.ndim >= 2) == d],
+                   "weight_decay": t.weight_decay if d else 0.0} for d in (True, False)]
+        return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas))
+
+    def loss(self, logits: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.task.label_smoothing)
+
+    def rate(self, stamps: list[float]) -> dict[str, float]:
+        """Images/s from the end of step `warmup` to the end of step `steps` (stamps: step end times)."""
+        a = self.args
+        assert len(stamps) == a.steps, f"expected {a.steps} steps, timed {len(stamps)}"
+        return {"images_per_s": (a.steps - a.warmup) * a.batch_size / (stamps[-1] - stamps[a.warmup - 1])}
+
+
+def run_nnlab(s: Setup) -> dict[str, float]:
+    """nnlab.train with log_every = warmup: the first perf/samples_per_s event covers exactly the warm-up
+    steps and is dropped; the later ones are combined, each weighted by the time it covers."""
+    a = s.args
+    train = {"max_steps": a.steps, "batch_size": a.batch_size, "precision": a.precision, "device": "cpu",
+             "threads": a.threads, "eval_every": 0, "eval_every_steps": 0, "final_splits": [],
+             "tensorboard": False, "log_every": a.warmup, "checkpoint_every": 0}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = nnlab.train("mnist-cnn", out=tmp, quiet=True, progress=False,
+                             data={"crop_padding": a.crop_padding}, train=train)
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        summary = json.loads((folder / "summary.json").read_text())
+    events = [(r["step"], r["perf/samples_per_s"]) for r in rows if "perf/samples_per_s" in r]
+    events = events[[step for step, _ in events].index(a.warmup):]
+    assert events[-1][0] == a.steps, events
+    spans = [(step - prev, rate) for (prev, _), (step, rate) in zip(events, events[1:], strict=False)]
+    images_per_s = sum(n for n, _ in spans) / sum(n / rate for n, rate in spans)  # images / seconds
+    return {"images_per_s": images_per_s, "summary_samples_per_s": summary["samples_per_s"]}
+
+
+def run_torch(s: Setup) -> dict[str, float]:
+    """The reference: randperm batches of in-memory tensors, forward, cross-entropy, backward, step."""
+    a, model, gen, stamps = s.args, s.model(), torch.Generator().manual_seed(0), list[float]()
+    opt = s.adamw(model)  # a new module is in training mode
+    while len(stamps) < a.steps:
+        order = torch.randperm(len(s.x), generator=gen)
+        for i in range(min(len(s.x) // a.batch_size, a.steps - len(stamps))):
+            idx = order[i * a.batch_size:(i + 1) * a.batch_size]
+            x, y = s.prep(s.x[idx], gen), s.y[idx]
+            with torch.autocast("cpu", torch.bfloat16) if a.precision == "bf16" else nullcontext():
+                loss = s.loss(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            stamps.append(time.perf_counter())
+    return s.rate(stamps)
+
+
+def run_keras(s: Setup) -> dict[str, float]:
+    """model.fit on numpy arrays (cut to whole batches); the uint8 -> float prep is the first layer."""
+    import keras
+    from keras import layers as kl
+
+    a, m, t, cf = s.args, s.cfg.model, s.cfg.train, "channels_first"
+    keras.config.set_dtype_policy("mixed_bfloat16" if a.precision == "bf16" else "float32")
+    keras.utils.set_random_seed(0)
+    gen, stamps = torch.Generator().manual_seed(0), list[float]()
+
+    class Prep(kl.Layer):  # only ever called in training here
+        def call(self, x: Tensor) -> Tensor:
+            return s.prep(x, gen)
+
+        def compute_output_spec(self, x: Any) -> Any:
+            return keras.KerasTensor(x.shape, dtype="float32")
+
+    class Clock(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+            stamps.append(time.perf_counter())
+            self.model.stop_training = len(stamps) >= a.steps
+
+    net: list[Any] = [keras.Input(s.spec.input_shape, batch_size=a.batch_size, dtype="uint8"), Prep()]
+    for width in m.channels:
+        for _ in range(m.convs_per_stage):
+            net.append(kl.Conv2D(width, 3, padding="same", use_bias=not m.batch_norm, data_format=cf))
+            net += [kl.BatchNormalization(axis=1, momentum=0.9, epsilon=1e-5)] if m.batch_norm else []
+            net.append(kl.ReLU())
+        net.append(kl.MaxPooling2D(2, data_format=cf))
+    net += [kl.Flatten(data_format=cf), kl.Dropout(m.dropout), kl.Dense(m.hidden, activation="relu"),
+            kl.Dropout(m.dropout), kl.Dense(s.spec.num_classes)]
+    model = keras.Sequential(net)
+    opt = keras.optimizers.AdamW(t.lr, weight_decay=t.weight_decay, beta_1=t.betas[0], beta_2=t.betas[1])
+    opt.exclude_from_weight_decay(var_list=[v for v in model.trainable_weights if len(v.shape) < 2])
+    ce = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=s.cfg.task.label_smoothing)
+    model.compile(optimizer=opt, loss=ce, jit_compile=False)
+    n = (per_epoch := len(s.x) // a.batch_size) * a.batch_size
+    y = F.one_hot(s.y[:n], s.spec.num_classes).float().numpy()  # the smoothed loss wants one-hot labels
+    model.fit(s.x[:n].numpy(), y, batch_size=a.batch_size, epochs=a.steps // per_epoch + 1, shuffle=True,
+              verbose=0, callbacks=[Clock()])
+    return s.rate(stamps)
+
+
+def run_lightning(s: Setup) -> dict[str, float]:
+    """Trainer.fit of a LightningModule around the same nn.Module; DataLoader over a TensorDataset."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    a, gen, stamps = s.args, torch.Generator().manual_seed(0), list[float]()
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = s.model()
+
+        def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+            return s.loss(self.net(s.prep(batch[0], gen)), batch[1])
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return s.adamw(self.net)
+
+    class Clock(L.Callback):
+        def on_train_batch_end(self, *args: Any) -> None:
+            stamps.append(time.perf_counter())
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no "GPU available: False" lines
+    warnings.filterwarnings("ignore", ".*(does not have many workers|LeafSpec).*")
+    loader = DataLoader(TensorDataset(s.x, s.y), batch_size=a.batch_size, shuffle=True, drop_last=True,
+                        num_workers=0, generator=torch.Generator().manual_seed(0))
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=a.steps, max_epochs=-1, logger=False,
+                        precision="bf16-mixed" if a.precision == "bf16" else "32-true", callbacks=[Clock()],
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(Module(), loader)
+    return s.rate(stamps)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps per run, warm-up included")
+    p.add_argument("--warmup", type=int, default=50, help="first steps left out of the timing (>= 1)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--crop-padding", type=int, default=0, help="random-crop augmentation (0: none)")
+    p.add_argument("--only", nargs="+", choices=FRAMEWORKS, default=list(FRAMEWORKS))
+    p.add_argument("--repeats", type=int, default=1, help="rounds over frameworks (order rotated); median")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/_out/overhead.json"))
+    a = p.parse_args()
+    if not 1 <= a.warmup < a.steps:
+        p.error("need 1 <= --warmup < --steps")
+    cfg = load_config("mnist-cnn", data={"crop_padding": a.crop_padding}, train={"batch_size": a.batch_size})
+    data = datasets["mnist"].factory(cfg.data)  # decoded once (nnlab.train reads the same cache)
+    s = Setup(a, cfg, data.spec, *data.splits["train"])
+    frameworks = [fw for fw in a.only if fw in ("nnlab", "torch") or importlib.util.find_spec(fw)]
+    for fw in sorted(set(a.only) - set(frameworks)):
+        print(f"skipping {fw}: not installed; `pip install {fw} torch=={torch.__version__.split('+')[0]}` "
+              "(pin torch, or pip may replace it)")
+    runs: dict[str, list[dict[str, float]]] = {fw: [] for fw in frameworks}
+    runner = {"nnlab": run_nnlab, "torch": run_torch, "keras": run_keras, "lightning": run_lightning}
+    for r in range(a.repeats):  # interleaved, each round starting one framework later
+        k = r % max(len(frameworks), 1)
+        for fw in frameworks[k:] + frameworks[:k]:
+            torch.set_num_threads(a.threads)  # nnlab sets it too; reset in case a framework changed it
+            runs[fw].append(runner[fw](s))
+            print(f"round {r + 1}/{a.repeats} {fw}: {runs[fw][-1]['images_per_s']:.1f} images/s", flush=True)
+    med = {fw: statistics.median(x["images_per_s"] for x in rs) for fw, rs in runs.items()}
+    ref, ours = med.get("torch"), med.get("nnlab")
+    print(f"\n{a.steps} steps ({a.warmup} warm-up) x batch {a.batch_size}, {a.precision}, {a.threads} "
+          f"threads, crop_padding={a.crop_padding}, median of {a.repeats}\n\n"
+          "| framework | images/s | vs hand loop | nnlab / framework |\n|---|---:|---:|---:|")
+    for fw, v in med.items():
+        print(f"| {LABELS[fw]} | {v:,.0f} | {f'{v / ref:.2f}x' if ref else '-'} | "
+              f"{f'{ours / v:.2f}x' if ours else '-'} |")
+    report = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
+              "versions": {m: __import__(m).__version__ for m in ("nnlab", "torch", *frameworks)},
+              "cpu": platform.processor() or platform.machine(), "median_images_per_s": med,
+              "ratio_vs_hand_loop": {fw: v / ref for fw, v in med.items()} if ref else {},
+              "ratio_nnlab_over": {fw: ours / v for fw, v in med.items()} if ours else {}, "runs": runs}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()

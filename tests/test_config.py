@@ -1,0 +1,75 @@
+"""Recipes, overrides and every config error: one clear message naming the key and the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from nnlab.cli import main
+from nnlab.config import load_config, recipe_names
+from nnlab.errors import UserError
+
+
+@pytest.mark.parametrize("name", recipe_names())
+def test_every_recipe_resolves(name: str) -> None:
+    cfg = load_config(name)
+    assert cfg.name == name
+    assert cfg.train.epochs > 0
+
+
+def test_shipped_recipes() -> None:
+    assert {"digits-cnn", "digits-mlp", "mnist-mlp", "mnist-cnn", "cifar10-resnet", "cifar10-fast"} <= set(
+        recipe_names())
+
+
+def test_overrides_and_sections() -> None:
+    cfg = load_config("mnist-cnn", ["train.epochs=3", "train.lr=2e-3", "model.channels=[16,32]"])
+    assert (cfg.train.epochs, cfg.train.lr, cfg.model.channels) == (3, 2e-3, [16, 32])
+    cfg = load_config("mnist-cnn", train={"epochs": 4}, data={"val_size": 0})
+    assert (cfg.train.epochs, cfg.data.val_size, cfg.model.hidden) == (4, 0, 256)
+    # switching the model family swaps the section's schema, with that family's defaults
+    cfg = load_config("mnist-cnn", ["model.name=mlp"])
+    assert cfg.model.hidden == [512, 256]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.epoch=3"], "unknown config key 'train.epoch' (did you mean 'epochs'?)"),
+    (["model.chanels=[8]"], "did you mean 'channels'?"),
+    (["trian.epochs=3"], "unknown config key 'trian' (did you mean 'train'?)"),
+    (["train.epochs=three"], "bad value for config key 'train.epochs'"),
+    (["train.lr=-1"], "bad value for config key 'train.lr': must be a positive number"),
+    (["train.optimizer=adam"], "train.optimizer"),
+    (["train.batch_size=0"], "train.batch_size"),
+    (["model.name=resnt18"], "unknown model 'resnt18' (did you mean 'resnet18'?)"),
+    (["data.name=mnsit"], "unknown dataset 'mnsit' (did you mean 'mnist'?)"),
+    (["data.flip=randm"], "did you mean 'random'?"),
+    (["train.epochs"], "is not of the form key=value"),
+])
+def test_config_errors(overrides: list[str], message: str) -> None:
+    with pytest.raises(UserError) as e:
+        load_config("mnist-cnn", overrides)
+    assert message in str(e.value)
+
+
+def test_unknown_recipe() -> None:
+    with pytest.raises(UserError, match="unknown recipe 'mnist-cn' \\(did you mean 'mnist-cnn'\\?\\)"):
+        load_config("mnist-cn")
+    with pytest.raises(UserError, match="does not exist"):
+        load_config("nowhere.yaml")
+
+
+def test_bad_yaml_file(tmp_path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {epochs: [\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(str(bad))
+
+
+def test_cli_config_error_exit_2(capsys: pytest.CaptureFixture) -> None:
+    assert main(["train", "mnist-cnn", "train.epoch=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "did you mean 'epochs'" in err and "Traceback" not in err
+
+
+def test_print_config(capsys: pytest.CaptureFixture) -> None:
+    assert main(["train", "mnist-cnn", "train.epochs=3", "--print-config"]) == 0
+    assert "epochs: 3" in capsys.readouterr().out

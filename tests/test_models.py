@@ -1,0 +1,33 @@
+"""Every registered model: a tiny forward/backward on random inputs of the right shape."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nnlab.config import section_from_dict
+from nnlab.data import DataSpec
+from nnlab.models import build, models
+
+
+@pytest.mark.parametrize("name", models.names())
+def test_forward_backward(name: str) -> None:
+    torch.manual_seed(0)
+    spec = DataSpec(input_shape=(3, 32, 32), num_classes=10, classes=[str(i) for i in range(10)])
+    cfg = section_from_dict(models, {"name": name})
+    model = build(name, cfg, spec)
+    x = torch.randn(4, 3, 32, 32)
+    if hasattr(model, "init_from_data"):
+        model.init_from_data(x)
+    out = model(x)
+    assert out.shape == (4, 10)
+    out.square().mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_unknown_model() -> None:
+    from nnlab.errors import UserError
+
+    with pytest.raises(UserError, match="did you mean 'resnet18'"):
+        models["resnet-18"]

@@ -1,0 +1,169 @@
+"""The training loop and the run folder contract, end to end on generated data (seconds each)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+import nnlab
+from nnlab import run as R
+from nnlab.cli import main
+from nnlab.errors import Diverged, UserError
+
+from conftest import TINY
+
+
+def tiny(tmp_path, **train) -> object:
+    return nnlab.train(TINY, out=tmp_path / "runs", quiet=True, progress=False, train=train)
+
+
+def test_run_folder_contract(tmp_path) -> None:
+    folder = tiny(tmp_path, tensorboard=True)
+    for name in (R.CONFIG, R.METRICS, R.SUMMARY, R.REPORT, R.TENSORBOARD, "plots/curves.png",
+                 "plots/confusion_test.png", "plots/predictions.png"):
+        assert (folder / name).exists(), name
+    for which in ("best", "last"):
+        for f in (R.WEIGHTS, R.MODEL_META, R.TRAIN_STATE):
+            assert (folder / R.CHECKPOINTS / which / f).is_file()
+    rows = R.read_metrics(folder)
+    keys = set().union(*rows)
+    assert {"step", "epoch", "time", "train/loss", "train/acc", "train/lr", "perf/samples_per_s",
+            "val/loss", "val/acc", "test/acc", "test/macro_f1"} <= keys
+    assert all("/" in k for k in keys - {"step", "epoch", "time", "train_time"})
+    summary = json.loads((folder / R.SUMMARY).read_text())
+    for key in ("final", "best", "wall_time_s", "params", "nnlab_version", "torch_version", "device", "seed"):
+        assert key in summary
+    assert summary["final"]["test/acc"] > 0.5  # the generated classes are learnable
+    cfg = yaml.safe_load((folder / R.CONFIG).read_text())
+    assert cfg["train"]["epochs"] == 2 and cfg["model"]["hidden"] == [32]  # fully resolved
+
+
+def test_checkpoint_rebuilds_model_without_trainer(tmp_path) -> None:
+    folder = tiny(tmp_path)
+    loaded = nnlab.load_model(folder / R.CHECKPOINTS / "best")
+    meta = json.loads((folder / R.CHECKPOINTS / "best" / R.MODEL_META).read_text())
+    assert meta["model"]["name"] == "mlp" and meta["spec"]["num_classes"] == 4
+    run = nnlab.load_run(folder)
+    res = run.evaluate("test")
+    assert res["metrics"]["acc"] == pytest.approx(run.summary["final"]["test/acc"])
+    assert isinstance(loaded.model, torch.nn.Module)
+
+
+def test_same_seed_same_result(tmp_path) -> None:
+    a = json.loads((tiny(tmp_path) / R.SUMMARY).read_text())["final"]
+    b = json.loads((tiny(tmp_path) / R.SUMMARY).read_text())["final"]
+    assert a == b
+
+
+def test_features_smoke(tmp_path) -> None:
+    """Accumulation, clipping, EMA, onecycle, SGD, early stopping and step-wise evaluation together."""
+    folder = tiny(tmp_path, epochs=6, accumulate=2, grad_clip=1.0, ema=0.9, schedule="onecycle", warmup=0.2,
+                  optimizer="sgd", lr=0.05, early_stopping=1, eval_every_steps=7, monitor="val/loss")
+    summary = json.loads((folder / R.SUMMARY).read_text())
+    assert summary["steps"] > 0 and math.isfinite(summary["final"]["test/loss"])
+
+
+def test_cli_eval_predict_runs_report(tmp_path, tiny_recipe, capsys) -> None:
+    from PIL import Image
+
+    assert main(["train", str(tiny_recipe), "--out", str(tmp_path / "runs"), "-q"]) == 0
+    folder = capsys.readouterr().out.strip().splitlines()[-1]  # the run folder is the last line
+    assert main(["eval", folder, "--split", "val"]) == 0
+    out = capsys.readouterr().out
+    assert "val/acc" in out and "| **macro avg** |" in out
+    img = tmp_path / "x.png"
+    Image.fromarray((torch.rand(8, 8) * 255).byte().numpy()).save(img)
+    (tmp_path / "bad.png").write_text("not an image")
+    assert main(["predict", folder, str(img), str(tmp_path / "bad.png"), str(tmp_path / "missing.png")]) == 2
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
+    assert len(lines) == 3 and lines[0].startswith(str(img)) and float(lines[0].split("\t")[2]) > 0
+    assert "not a readable image" in lines[1] and "no such file" in lines[2]
+    assert "2 of 3 files" in captured.err
+    assert main(["runs", str(tmp_path / "runs")]) == 0
+    assert "tiny-" in capsys.readouterr().out
+    assert main(["report", folder]) == 0
+    assert (tmp_path / "runs").exists()
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, tiny_recipe, capsys) -> None:
+    out = str(tmp_path / "runs")
+    assert main(["train", str(tiny_recipe), "--out", out, "-q", "train.optimizer=sgd", "train.lr=0.01",
+                 "train.epochs=1", "train.schedule=constant"]) == 0
+    folder = capsys.readouterr().out.strip().splitlines()[-1]
+    last = R.checkpoint_dir(folder, "last")
+    before = (last / R.WEIGHTS).read_bytes()
+    code = main(["train", "--resume", folder, "train.epochs=3", "train.lr=1e30", "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and "loss is" in err and "at step" in err and "is intact" in err
+    assert (last / R.WEIGHTS).read_bytes() == before
+    nnlab.load_model(last)  # still loads
+
+
+def test_bad_inputs_exit_2(tmp_path, tiny_recipe, capsys) -> None:
+    assert main(["train", "--resume", str(tmp_path)]) == 2
+    assert "not an nnlab run folder" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["runs", str(tmp_path / "nope")]) == 2
+    assert main(["train", str(tiny_recipe), "--out", str(tmp_path / "r"), "-q", "train.batch_size=100000"]) == 2
+    assert "larger than the training split" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("weights", "corrupt"),
+    ("meta_foreign", "not an nnlab checkpoint"),
+    ("meta_garbage", "corrupt"),
+    ("shape", "do not fit"),
+])
+def test_corrupt_or_foreign_checkpoint(tmp_path, damage, message) -> None:
+    folder = tiny(tmp_path)
+    best = folder / R.CHECKPOINTS / "best"
+    if damage == "weights":
+        (best / R.WEIGHTS).write_bytes((best / R.WEIGHTS).read_bytes()[:100])
+    elif damage == "meta_foreign":
+        (best / R.MODEL_META).write_text(json.dumps({"model": "something else"}))
+    elif damage == "meta_garbage":
+        (best / R.MODEL_META).write_bytes(b"\x00\xff garbage")
+    else:
+        meta = json.loads((best / R.MODEL_META).read_text())
+        meta["model"]["hidden"] = [64]
+        (best / R.MODEL_META).write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=message):
+        nnlab.load_model(folder)
+    assert main(["eval", str(folder)]) == 2
+
+
+def test_resume_state_is_never_unpickled_unrestricted(tmp_path) -> None:
+    """A trainer.pt carrying code (a pickle that calls os.system) is refused, and the code never runs."""
+    import os
+    import pickle
+
+    folder = tiny(tmp_path)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"x": Evil()}, folder / R.CHECKPOINTS / "last" / R.TRAIN_STATE, pickle_module=pickle)
+    with pytest.raises(UserError, match="corrupt or unsafe"):
+        nnlab.resume(folder, quiet=True, progress=False)
+    assert not marker.exists()
+
+
+def test_interrupted_folder_swap_is_recovered(tmp_path) -> None:
+    """A kill between the two renames of a checkpoint swap leaves only `last.old`: it is put back."""
+    folder = tiny(tmp_path)
+    last = folder / R.CHECKPOINTS / "last"
+    last.rename(last.with_name("last.old"))
+    assert nnlab.load_model(folder, "last").model is not None
+    assert last.is_dir()
+
+
+def test_diverged_is_user_error() -> None:
+    assert issubclass(Diverged, UserError)
