@@ -70,6 +70,7 @@ def test_cifar10_recipes_smoke(tmp_path: Path) -> None:
 
 def test_missing_data_is_a_clear_error(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.setenv("NNLAB_DATA", str(tmp_path / "empty"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # no decoded copy from another test either
     assert main(["train", "mnist-cnn", "data.download=false", "--out", str(tmp_path), "-q"]) == 2
     err = capsys.readouterr().err
     assert "train-images-idx3-ubyte.gz" in err and str(tmp_path / "empty") in err

@@ -70,7 +70,7 @@ def test_data_roots_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isola
 def test_digits_splits_deterministic() -> None:
     a, b = load("digits"), load("digits")
     assert a.spec.classes == [str(i) for i in range(10)] and a.spec.input_shape == (1, 8, 8)
-    assert {k: len(v[0]) for k, v in a.splits.items()} == {"train": 1257, "val": 180, "test": 360}
+    assert {k: len(v[0]) for k, v in a.splits.items()} == {"train": 1258, "val": 180, "test": 359}
     for k, (x, y) in a.splits.items():
         assert x.dtype == torch.uint8 and x.is_contiguous() and y.dtype == torch.int64
         assert torch.equal(x, b.splits[k][0]) and torch.equal(y, b.splits[k][1])

@@ -79,8 +79,8 @@ class Cifar10Data(VisionData):
 
 @dataclass
 class DigitsData(VisionData):
-    name: str = "digits"  # scikit-learn's bundled 8x8 digits: 1,437 train / 360 test
-    val_size: int = 180  # one eighth of the 1,437 training images
+    name: str = "digits"  # scikit-learn's bundled 8x8 digits: 1,438 train / 359 test (20% of each class)
+    val_size: int = 180  # one eighth of the 1,438 training images
 
 
 @dataclass
