@@ -51,7 +51,7 @@ def main() -> None:
     args, overrides = p.parse_known_args()
     overrides = [o for o in overrides if o != "--"]
     if args.eval:
-        overrides += [f"train.eval_split={args.eval}"]
+        overrides += [f"train.eval_splits=[val,{args.eval}]"]
     out = Path(args.out or tempfile.mkdtemp(prefix="nnlab-bench-"))
     rows = []
     for recipe in args.recipes:

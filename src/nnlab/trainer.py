@@ -58,7 +58,7 @@ class TrainConfig:
     channels_last: bool = False  # channels-last memory format for conv nets
     ema: float = 0.0  # decay of an exponential moving average of weights, evaluated and saved (0: off)
     freeze_bias_after: int = 0  # epochs after which parameters named '*.whiten.bias' stop training (0: never)
-    eval_split: str = "val"  # split evaluated during training (skipped if the dataset has none)
+    eval_splits: list[str] = field(default_factory=lambda: ["val"])  # evaluated during training (if present)
     eval_every: int = 1  # epochs between evaluations (0: none during training)
     eval_every_steps: int = 0  # also evaluate every this many steps (0: off)
     eval_batch_size: int = 1000  # batch size for evaluation
@@ -233,7 +233,8 @@ class Trainer:
                 net, device_ids=[env.device.index] if env.device.type == "cuda" else None)
         if t.compile:
             net = torch.compile(net)
-        evaluating = t.eval_split in self.data.splits and (t.eval_every or t.eval_every_steps)
+        self.eval_names = [s for s in t.eval_splits if s in self.data.splits]
+        evaluating = self.eval_names and (t.eval_every or t.eval_every_steps)
         self.progress.write(f"run {self.folder}: {self.cfg.model.name} on {self.cfg.data.name}, "
                             f"{sum(p.numel() for p in self.model.parameters()):,} parameters, "
                             f"{env.device.type} x{env.world}, {self.precision}")
@@ -320,14 +321,15 @@ class Trainer:
                        f"train.grad_clip, or check the data for bad values")
 
     def validate(self, tracker: Tracker) -> bool:
-        """Evaluate on `eval_split`, log, keep the best checkpoint; True when early stopping says stop."""
+        """Evaluate on `eval_splits`, log, keep the best checkpoint; True when early stopping says stop."""
         t, state = self.t, self.state
-        metrics, _ = evaluate(self.eval_model(), self.task, self.eval_loader(t.eval_split), self.env,
-                              self.precision)
-        logged = {f"{t.eval_split}/{k}": v for k, v in metrics.items()}
+        logged: dict[str, float] = {}
+        for split in self.eval_names:
+            metrics, _ = evaluate(self.eval_model(), self.task, self.eval_loader(split), self.env, self.precision)
+            logged |= {f"{split}/{k}": v for k, v in metrics.items()}
         tracker.log(state["step"], logged, epoch=state["step"] / self.steps_per_epoch,
                     train_time=round(state["train_time"], 3))
-        self.last_val = {f"{t.eval_split}_{k}": v for k, v in metrics.items() if k in ("loss", "acc")}
+        self.last_val = {k.replace("/", "_"): v for k, v in logged.items() if k.endswith(("/loss", "/acc"))}
         if not t.monitor:
             return False
         if t.monitor not in logged:
