@@ -68,7 +68,7 @@ def main() -> None:
             print(json.dumps({"recipe": recipe, **results[-1]}), file=sys.stderr)
         accs = [r["test_acc"] for r in results]
         rows.append((recipe, results, statistics.mean(accs), statistics.pstdev(accs)))
-    print(f"\n| recipe | seeds | test acc (mean ± sd) | wall s (mean) | train s | images/s |"
+    print("\n| recipe | seeds | test acc (mean ± sd) | wall s (mean) | train s | images/s |"
           + "".join(f" time to {t:.0%} (s) |" for t in args.reach))
     print("|---|---:|---:|---:|---:|---:|" + "---:|" * len(args.reach))
     for recipe, results, mean, sd in rows:

@@ -8,13 +8,12 @@ import math
 import pytest
 import torch
 import yaml
+from conftest import TINY
 
 import nnlab
 from nnlab import run as R
 from nnlab.cli import main
 from nnlab.errors import Diverged, UserError
-
-from conftest import TINY
 
 
 def tiny(tmp_path, **train) -> object:

@@ -88,18 +88,15 @@ def build_optimizer(model: nn.Module, cfg: Any) -> Optimizers:
 
 def lr_factor(step: int, total: int, cfg: Any) -> float:
     """Multiplier of the base learning rate at `step` of `total`: linear warm-up over the first
-    `warmup` fraction, then constant, cosine or linear decay to `min_lr`; `onecycle` is a linear
-    ramp up then down (the schedule of Smith & Topin 2018 in its simplest, triangular form)."""
-    warm = int(cfg.warmup * total)
-    if cfg.schedule == "onecycle":
-        peak = max(warm, 1)
-        return step / peak if step < peak else max(cfg.min_lr, 1 - (1 - cfg.min_lr) * (step - peak) / max(total - peak, 1))
+    `warmup` fraction, then constant, cosine or linear decay to `min_lr`. `onecycle` is the triangular
+    form of Smith & Topin 2018: linear up (30% of the steps unless `warmup` says otherwise), then down."""
+    warm = int((cfg.warmup or (0.3 if cfg.schedule == "onecycle" else 0.0)) * total)
     if step < warm:
         return (step + 1) / warm
     t = (step - warm) / max(total - warm, 1)
     if cfg.schedule == "cosine":
         return cfg.min_lr + (1 - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * t))
-    if cfg.schedule == "linear":
+    if cfg.schedule in ("linear", "onecycle"):
         return 1 - (1 - cfg.min_lr) * t
     return 1.0
 

@@ -249,7 +249,7 @@ class Trainer:
                         p.requires_grad_(False)
             remaining = min(self.steps_per_epoch, self.total - epoch * self.steps_per_epoch)
             self.progress.start(epoch, self.epochs, remaining, state["batch"])
-            t_epoch = time.perf_counter()
+            t_epoch = t_log = time.perf_counter()
             for i, (x, y) in enumerate(self.loader.epoch(epoch, start=state["batch"]), start=state["batch"]):
                 if i >= remaining:
                     break
