@@ -111,7 +111,7 @@ class Loader:
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             idx = idx.tensor_split(self.world)[self.rank]
             x = self.x[idx]
-            if self.augment is not None:
+            if self.augment is not None and (self.augment.crop_padding or self.augment.flip != "none"):
                 g = torch.Generator(device=self.device)
                 g.manual_seed((self.seed * 1_000_003 + epoch) * 100_003 + i)
                 x = self.augment(x, idx, epoch, g)
