@@ -70,16 +70,18 @@ def plot_predictions(images: torch.Tensor, true: list[str], pred: list[str], pro
     n, c, h, w = images.shape
     cols = min(8, n)
     rows = math.ceil(n / cols)
-    grid = torch.full((rows * (h + 1), cols * (w + 1), c), 255, dtype=torch.uint8)
+    gap = max(2, round(0.45 * h))  # a caption band above each row of images
+    grid = torch.full((rows * (h + gap), cols * (w + 1), c), 255, dtype=torch.uint8)
     for i in range(n):
         r, q = divmod(i, cols)
-        grid[r * (h + 1):r * (h + 1) + h, q * (w + 1):q * (w + 1) + w] = images[i].permute(1, 2, 0)
-    fig, ax = plt.subplots(figsize=(1.5 * cols, 1.6 * rows))
+        top = r * (h + gap) + gap
+        grid[top:top + h, q * (w + 1):q * (w + 1) + w] = images[i].permute(1, 2, 0)
+    fig, ax = plt.subplots(figsize=(1.5 * cols, 1.9 * rows))
     grid = grid.numpy()
     ax.imshow(grid[..., 0] if c == 1 else grid, cmap="gray" if c == 1 else None, interpolation="nearest")
     for i in range(n):
         r, q = divmod(i, cols)
-        ax.text(q * (w + 1) + w / 2, r * (h + 1) - 0.15 * h, f"{pred[i]} ({prob[i]:.2f}) / {true[i]}",
+        ax.text(q * (w + 1) + w / 2, r * (h + gap) + gap - 0.6, f"{pred[i]} ({prob[i]:.2f}) / {true[i]}",
                 ha="center", va="bottom", fontsize=6, color="black" if pred[i] == true[i] else "red")
     ax.axis("off")
     fig.tight_layout()
