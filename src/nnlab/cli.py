@@ -204,7 +204,7 @@ def cmd_runs(args) -> int:
         print(f"no runs in {root}")
         return 0
     head = ["run", "model", "data", "status", "epochs", "test/acc", "test/loss", "time_s", "samples/s"]
-    table = [[_cell(r[h]) for h in head] for r in rows]
+    table = [[_cell(r[h], 4 if "/" in h and h != "samples/s" else 1) for h in head] for r in rows]
     widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(head)]
     print("  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)))
     for t in table:
@@ -212,10 +212,10 @@ def cmd_runs(args) -> int:
     return 0
 
 
-def _cell(v) -> str:
+def _cell(v, digits: int) -> str:
     if v is None:
         return "-"
-    return f"{v:.4f}" if isinstance(v, float) else str(v)
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
 def cmd_report(args) -> int:

@@ -78,6 +78,11 @@ def broadcast_object(obj, env: Env):
     return box[0]
 
 
+def barrier(env: Env) -> None:
+    if env.world > 1:
+        dist.barrier()
+
+
 def cleanup(env: Env) -> None:
     if env.world > 1 and dist.is_initialized():
         dist.destroy_process_group()

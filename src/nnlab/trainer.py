@@ -110,7 +110,9 @@ def fit(cfg: Config, out: str | Path = "runs", resume_dir: Path | None = None, q
         progress: bool = True) -> Path:
     env = dist.setup(cfg.train.device)
     try:
-        return Trainer(cfg, env, quiet, progress).run(out, resume_dir)
+        folder = Trainer(cfg, env, quiet, progress).run(out, resume_dir)
+        dist.barrier(env)  # every process done (rank 0 writes the report) before the group goes away
+        return folder
     finally:
         dist.cleanup(env)
 
