@@ -166,3 +166,14 @@ def test_interrupted_folder_swap_is_recovered(tmp_path) -> None:
 
 def test_diverged_is_user_error() -> None:
     assert issubclass(Diverged, UserError)
+
+
+def test_compile_failure_falls_back_to_eager(tmp_path, monkeypatch, capsys) -> None:
+    class Broken(torch.nn.Module):
+        def forward(self, *a, **k):
+            raise RuntimeError("no C++ compiler for inductor")
+
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: Broken())
+    folder = nnlab.train(TINY, out=tmp_path / "runs", quiet=True, train={"compile": True})
+    assert "torch.compile failed" in capsys.readouterr().err
+    assert json.loads((folder / R.SUMMARY).read_text())["final"]["test/acc"] > 0.5

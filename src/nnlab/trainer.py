@@ -233,6 +233,7 @@ class Trainer:
         if env.world > 1:
             net = torch.nn.parallel.DistributedDataParallel(
                 net, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        eager, compiling = net, t.compile
         if t.compile:
             net = torch.compile(net)
         self.eval_names = [s for s in t.eval_splits if s in self.data.splits]
@@ -256,7 +257,19 @@ class Trainer:
                 if i >= remaining:
                     break
                 set_lr(self.opt, lr_factor(state["step"], self.total, t))
-                out = self.step(net, x, y)
+                try:
+                    out = self.step(net, x, y)
+                except UserError:
+                    raise
+                except Exception as e:  # compilation happens on the first call: fall back to eager mode
+                    if not compiling:
+                        raise
+                    self.progress.write(f"warning: torch.compile failed ({e.__class__.__name__}: "
+                                        f"{str(e).splitlines()[0][:200]}); continuing without compilation")
+                    net = eager
+                    self.opt.zero_grad()
+                    out = self.step(net, x, y)
+                compiling = False
                 for k, v in out.items():
                     sums[k] = sums.get(k, 0) + v
                 state["step"] += 1
