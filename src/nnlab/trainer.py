@@ -141,7 +141,8 @@ class Trainer:
         self.task = build_task(cfg.task, self.spec)
         self.prepare = partial(normalize, spec=self.spec, channels_last=t.channels_last)
         x, y = self.split("train")
-        aug = Augment(getattr(cfg.data, "crop_padding", 0), getattr(cfg.data, "flip", "none"), t.seed)
+        aug = Augment(getattr(cfg.data, "crop_padding", 0), getattr(cfg.data, "flip", "none"), t.seed,
+                      getattr(cfg.data, "padding_mode", "zeros"))
         self.loader = Loader(x, y, t.batch_size, shuffle=True, drop_last=True, seed=t.seed, augment=aug,
                              rank=env.rank, world=env.world, device=env.device, transform=self.prepare)
         if len(self.loader) == 0:

@@ -54,6 +54,7 @@ class Augment:
     crop_padding: int = 0  # random translation by up to this many pixels (zero-padded random crop)
     flip: str = "none"  # none | random | alternate (each image flipped on every other epoch, random start)
     seed: int = 0
+    padding_mode: str = "zeros"  # what the crop sees outside the image: zeros | reflect
 
     def __call__(self, x: torch.Tensor, idx: torch.Tensor, epoch: int, gen: torch.Generator) -> torch.Tensor:
         if self.flip == "random":
@@ -66,15 +67,24 @@ class Augment:
         p = self.crop_padding
         if p:
             b, c, h, w = x.shape
-            xp = torch.nn.functional.pad(x, (p, p, p, p))
             dy = torch.randint(0, 2 * p + 1, (b,), generator=gen, device=x.device)
             dx = torch.randint(0, 2 * p + 1, (b,), generator=gen, device=x.device)
-            rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (B, 1, H, 1)
-            cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # (B, 1, 1, W)
+            rows = dy[:, None] - p + torch.arange(h, device=x.device)  # (B, H) source row of each output row
+            cols = dx[:, None] - p + torch.arange(w, device=x.device)  # (B, W)
             bi = torch.arange(b, device=x.device)[:, None, None, None]
             ci = torch.arange(c, device=x.device)[None, :, None, None]
-            x = xp[bi, ci, rows, cols]  # (B, C, H, W)
+            if self.padding_mode == "reflect":  # mirror indices at the border, as F.pad(mode="reflect")
+                rows, cols = _reflect(rows, h), _reflect(cols, w)
+                x = x[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]  # (B, C, H, W)
+            else:
+                xp = torch.nn.functional.pad(x, (p, p, p, p))
+                x = xp[bi, ci, (rows + p)[:, None, :, None], (cols + p)[:, None, None, :]]  # (B, C, H, W)
         return x
+
+
+def _reflect(i: torch.Tensor, n: int) -> torch.Tensor:
+    i = i.abs()
+    return torch.where(i > n - 1, 2 * (n - 1) - i, i)
 
 
 class Loader:

@@ -55,6 +55,7 @@ class VisionData:
     val_size: int = 5000  # training images held out for validation (fixed seeded permutation); 0 = no val
     subset: int = 0  # use only the first N training images left after the val hold-out; 0 = all
     crop_padding: int = 0  # random translation by up to this many pixels (applied by the trainer's Augment)
+    padding_mode: str = "zeros"  # pixels the translation brings in: zeros | reflect (mirror the border)
     flip: str = "none"  # horizontal flips: none | random | alternate (applied by the trainer's Augment)
     download: bool = True  # download missing files from their public URL into the user cache
 
@@ -62,6 +63,8 @@ class VisionData:
         for field in ("val_size", "subset", "crop_padding"):
             if getattr(self, field) < 0:
                 raise UserError(f"dataset option {field} must be >= 0, got {getattr(self, field)}")
+        if self.padding_mode not in ("zeros", "reflect"):
+            raise UserError(f"dataset option padding_mode must be zeros or reflect, got '{self.padding_mode}'")
         if self.flip not in FLIPS:
             raise UserError(f"dataset option flip must be one of {', '.join(FLIPS)}, got "
                             f"'{self.flip}'{did_you_mean(self.flip, FLIPS)}")
