@@ -74,3 +74,17 @@ def test_missing_data_is_a_clear_error(tmp_path: Path, monkeypatch, capsys) -> N
     assert main(["train", "mnist-cnn", "data.download=false", "--out", str(tmp_path), "-q"]) == 2
     err = capsys.readouterr().err
     assert "train-images-idx3-ubyte.gz" in err and str(tmp_path / "empty") in err
+
+
+def test_corrupt_data_file_is_a_clear_error(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = tmp_path / "data" / "mnist"
+    folder.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+                 "t10k-labels-idx1-ubyte.gz"):
+        (folder / name).write_bytes(b"\x1f\x8b truncated")
+    code = main(["train", "mnist-cnn", "--data-dir", str(tmp_path / "data"), "data.download=false", "-q",
+                 "--out", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert code == 2 and "train-images-idx3-ubyte.gz" in err and "Traceback" not in err
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))  # no partial decoded cache
