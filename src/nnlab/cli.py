@@ -113,9 +113,10 @@ def cmd_recipes(args) -> int:
     import yaml
 
     for n in names:
-        doc = yaml.safe_load(recipe_text(n)) or {}
+        text = recipe_text(n)
+        doc = yaml.safe_load(text) or {}
         m, d = doc.get("model", {}).get("name", "?"), doc.get("data", {}).get("name", "?")
-        first = recipe_text(n).splitlines()[0].lstrip("# ") if recipe_text(n).startswith("#") else ""
+        first = text.splitlines()[0].lstrip("# ") if text.startswith("#") else ""
         print(f"{n:16s} {m:10s} {d:10s} {first}")
     return 0
 

@@ -156,6 +156,8 @@ class Trainer:
         self.state: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "best": None, "best_step": None,
                                       "bad_evals": 0, "train_time": 0.0, "samples": 0}
         self.last_val: dict[str, float] = {}  # latest evaluation, shown at epoch ends
+        self.evals: dict[str, tuple[dict, dict]] = {}  # split -> (metrics, stats) of the weights at evals_step
+        self.evals_step = -1
 
     def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         if name not in self.data.splits:
@@ -341,7 +343,7 @@ class Trainer:
         t, state = self.t, self.state
         logged: dict[str, float] = {}
         for split in self.eval_names:
-            metrics, _ = evaluate(self.eval_model(), self.task, self.eval_loader(split), self.env, self.precision)
+            metrics, _ = self.eval_split(split)
             logged |= {f"{split}/{k}": v for k, v in metrics.items()}
         tracker.log(state["step"], logged, epoch=state["step"] / self.steps_per_epoch,
                     train_time=round(state["train_time"], 3))
@@ -359,18 +361,29 @@ class Trainer:
             state["bad_evals"] += 1
         return bool(t.early_stopping) and state["bad_evals"] >= t.early_stopping
 
+    def eval_split(self, split: str) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        """Metrics and statistics of the current weights on `split`, computed once per step (the final
+        evaluation reuses the last epoch's when the weights are the same)."""
+        if self.evals_step != self.state["step"]:
+            self.evals, self.evals_step = {}, self.state["step"]
+        if split not in self.evals:
+            self.evals[split] = evaluate(self.eval_model(), self.task, self.eval_loader(split), self.env,
+                                         self.precision)
+        return self.evals[split]
+
     def finish(self, tracker: Tracker, wall: float) -> Path:
         """Evaluate the best weights on the final splits; write summary.json and the report."""
         t, env, state = self.t, self.env, self.state
         best_dir = self.folder / R.CHECKPOINTS / "best"
         if t.monitor and best_dir.exists():
             self.eval_model().load_state_dict(R.load_weights(best_dir))
+            self.evals_step = -1  # other weights: nothing evaluated yet
         final: dict[str, float] = {}
         confusion: dict[str, list] = {}
         for split in t.final_splits:
             if split not in self.data.splits:
                 continue
-            metrics, stats = evaluate(self.eval_model(), self.task, self.eval_loader(split), env, self.precision)
+            metrics, stats = self.eval_split(split)
             final |= {f"{split}/{k}": v for k, v in metrics.items()}
             if "confusion" in stats:
                 confusion[split] = stats["confusion"].tolist()
