@@ -108,3 +108,32 @@ def test_muon_decreases_least_squares_loss() -> None:
     assert losses[-1] < 0.2 * losses[0], losses
     with pytest.raises(ValueError):
         Muon([torch.nn.Parameter(torch.zeros(3))])  # 1-D parameters belong to another optimizer
+
+
+def test_parameter_groups_follow_airbench() -> None:
+    """cifar10-fast's optimizer: Muon on hidden filters; decoupled decay (the same fraction per step for every
+    SGD group, biases included); the whitening bias's lr falls linearly to zero over its own epochs, then stays."""
+    from nnlab.config import load_config
+    from nnlab.optim import build_optimizer, set_lr
+
+    t = load_config("cifar10-fast").train
+    model = build("fastnet", FastNetConfig(), SPEC)
+    opt = build_optimizer(model, t)
+    groups = opt.param_groups
+    owner = {id(p): n for n, p in model.named_parameters()}
+    names = [[owner[id(p)] for p in g["params"]] for g in groups]
+    assert sum(map(len, names)) == sum(p.requires_grad for p in model.parameters())
+    short = next(g for g, n in zip(groups, names, strict=True) if n == ["whiten.bias"])
+    muon = [g for g in groups if "ns_steps" in g]
+    assert len(muon) == 1 and all(p.ndim == 4 for p in muon[0]["params"])
+    for g in groups:
+        if g not in muon:  # lr * weight_decay: the fraction removed per step, for every group the same
+            assert g["base_lr"] * g["weight_decay"] == pytest.approx(t.weight_decay)
+    spe = 25
+    set_lr(opt, 0, 200, spe, t)
+    assert short["lr"] == short["base_lr"]
+    set_lr(opt, 50, 200, spe, t)  # 2/3 of the way through the bias's 3 epochs, 1/4 of the main schedule
+    assert short["lr"] == pytest.approx(short["base_lr"] / 3)
+    assert groups[0]["lr"] == pytest.approx(groups[0]["base_lr"] * 0.75)
+    set_lr(opt, 100, 200, spe, t)
+    assert short["lr"] == 0.0 and groups[0]["lr"] > 0

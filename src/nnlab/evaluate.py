@@ -35,15 +35,16 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, task: Any, loader: Loader, env: dist.Env, precision: str = "fp32"
-             ) -> tuple[dict[str, float], dict[str, Tensor]]:
-    """Metrics of `model` on every batch of `loader` (each process takes its shard)."""
+def evaluate(model: nn.Module, task: Any, loader: Loader, env: dist.Env, precision: str = "fp32",
+             final: bool = True) -> tuple[dict[str, float], dict[str, Tensor]]:
+    """Metrics of `model` on every batch of `loader` (each process takes its shard); `final=False` for
+    the evaluations during training."""
     was_training = model.training
     model.eval()
     stats: dict[str, Tensor] = {}
     for batch in loader.epoch(0):
         with autocast(env.device, precision):
-            for k, v in task.eval_stats(model, batch).items():
+            for k, v in task.eval_stats(model, batch, final=final).items():
                 stats[k] = stats[k] + v if k in stats else v.clone()
     dist.all_reduce_sum(stats, env)
     model.train(was_training)

@@ -13,14 +13,15 @@ def param_groups(model: nn.Module, cfg: Any) -> list[dict[str, Any]]:
     """Split the trainable parameters by a general rule:
     - `optimizer=muon`: Muon for the hidden >=2-D weights (every matrix/filter but the model's first
       layer and its head, which stay with SGD, as in Jordan's Muon recipe);
-    - weight decay only on >=2-D weights (not on biases or norm parameters);
-    - the head (the last >=2-D weight) at learning rate `head_lr` when that is set.
+    - weight decay on >=2-D weights, and on biases and norm parameters too when `decay_biases` is set;
+    - the head (the last >=2-D weight) at learning rate `head_lr` when that is set;
+    - parameters named '*.whiten.bias' on a short schedule of their own when `freeze_bias_after` is set.
     A model may instead define `param_groups()` itself."""
     if hasattr(model, "param_groups"):
         return model.param_groups()
     matrices = [n for n, p in model.named_parameters() if p.ndim >= 2]
     first, head = (matrices[0], matrices[-1]) if matrices else (None, None)
-    groups: dict[str, list] = {"muon": [], "decay": [], "no_decay": [], "head": []}
+    groups: dict[str, list] = {"muon": [], "decay": [], "no_decay": [], "head": [], "short": []}
     for n, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -28,11 +29,15 @@ def param_groups(model: nn.Module, cfg: Any) -> list[dict[str, Any]]:
             groups["head"].append(p)
         elif cfg.optimizer == "muon" and p.ndim >= 2 and n not in (first, head):
             groups["muon"].append(p)
+        elif cfg.freeze_bias_after and n.endswith("whiten.bias"):
+            groups["short"].append(p)
         else:
-            groups["decay" if p.ndim >= 2 else "no_decay"].append(p)
+            groups["decay" if p.ndim >= 2 or cfg.decay_biases else "no_decay"].append(p)
+    bias_wd = cfg.weight_decay if cfg.decay_biases else 0.0
     out = [{"params": groups["decay"], "weight_decay": cfg.weight_decay},
            {"params": groups["no_decay"], "weight_decay": 0.0},
            {"params": groups["head"], "weight_decay": cfg.weight_decay, "lr_scale": cfg.head_lr / cfg.lr},
+           {"params": groups["short"], "weight_decay": bias_wd, "epochs": cfg.freeze_bias_after},
            {"params": groups["muon"], "optimizer": "muon"}]
     return [g for g in out if g["params"]]
 
@@ -69,6 +74,8 @@ def build_optimizer(model: nn.Module, cfg: Any) -> Optimizers:
     for g in groups:
         g.setdefault("base_lr", cfg.lr * g.pop("lr_scale", 1.0))
         g["lr"] = g["base_lr"]
+        if cfg.decouple_wd and g.get("weight_decay"):  # the fraction removed per step, whatever the group's lr
+            g["weight_decay"] /= g["base_lr"]
     opts: list[torch.optim.Optimizer] = []
     if cfg.optimizer in ("sgd", "muon"):
         opts.append(torch.optim.SGD(rest, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
@@ -101,9 +108,13 @@ def lr_factor(step: int, total: int, cfg: Any) -> float:
     return 1.0
 
 
-def set_lr(opt: Optimizers, factor: float) -> None:
+def set_lr(opt: Optimizers, step: int, total: int, steps_per_epoch: int, cfg: Any) -> None:
+    """Every group follows the schedule, except groups with an `epochs` key: their learning rate decays
+    linearly to zero over that many epochs (airbench's whitening bias), after which they stay fixed."""
+    factor = lr_factor(step, total, cfg)
     for g in opt.param_groups:
-        g["lr"] = g["base_lr"] * factor
+        short = g.get("epochs")
+        g["lr"] = g["base_lr"] * (max(0.0, 1 - step / (short * steps_per_epoch)) if short else factor)
 
 
 class EMA:

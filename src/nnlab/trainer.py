@@ -27,7 +27,7 @@ from .data import Augment, Loader, datasets, normalize
 from .errors import Diverged, UserError
 from .evaluate import autocast, evaluate, resolve_precision
 from .models import build as build_model
-from .optim import EMA, build_optimizer, lr_factor, set_lr
+from .optim import EMA, build_optimizer, set_lr
 from .tasks import build as build_task
 from .track import Progress, Tracker
 
@@ -44,6 +44,9 @@ class TrainConfig:
     nesterov: bool = True  # Nesterov momentum for SGD
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
     weight_decay: float = 0.0  # decoupled (AdamW) or L2 (SGD) weight decay on >=2-D weights
+    decouple_wd: bool = False  # weight_decay is the fraction of a weight removed per step at peak lr, for every
+    #                            group alike (divided by each group's lr; airbench's SGD); default: times the lr
+    decay_biases: bool = False  # weight decay on biases and norm parameters too
     muon_lr: float = 0.02  # learning rate of Muon's parameter group
     muon_momentum: float = 0.95  # Muon momentum (Nesterov)
     muon_ns_steps: int = 5  # Newton-Schulz iterations orthogonalising each Muon update
@@ -57,7 +60,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model; falls back to eager if compilation fails
     channels_last: bool = False  # channels-last memory format for conv nets
     ema: float = 0.0  # decay of an exponential moving average of weights, evaluated and saved (0: off)
-    freeze_bias_after: int = 0  # epochs after which parameters named '*.whiten.bias' stop training (0: never)
+    freeze_bias_after: int = 0  # '*.whiten.bias' lr decays linearly to 0 over this many epochs, then stays (0: off)
     eval_splits: list[str] = field(default_factory=lambda: ["val"])  # evaluated during training (if present)
     eval_every: int = 1  # epochs between evaluations (0: none during training)
     eval_every_steps: int = 0  # also evaluate every this many steps (0: off)
@@ -156,7 +159,7 @@ class Trainer:
         self.state: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "best": None, "best_step": None,
                                       "bad_evals": 0, "train_time": 0.0, "samples": 0}
         self.last_val: dict[str, float] = {}  # latest evaluation, shown at epoch ends
-        self.evals: dict[str, tuple[dict, dict]] = {}  # split -> (metrics, stats) of the weights at evals_step
+        self.evals: dict[tuple[str, bool], tuple[dict, dict]] = {}  # (split, final) -> (metrics, stats) at evals_step
         self.evals_step = -1
 
     def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -249,17 +252,13 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         since, t_log = 0, time.perf_counter()
         for epoch in range(state["epoch"], self.epochs):
-            if t.freeze_bias_after and epoch >= t.freeze_bias_after:
-                for n, p in self.model.named_parameters():
-                    if n.endswith("whiten.bias"):
-                        p.requires_grad_(False)
             remaining = min(self.steps_per_epoch, self.total - epoch * self.steps_per_epoch)
             self.progress.start(epoch, self.epochs, remaining, state["batch"])
             t_epoch = t_log = time.perf_counter()
             for i, (x, y) in enumerate(self.loader.epoch(epoch, start=state["batch"]), start=state["batch"]):
                 if i >= remaining:
                     break
-                set_lr(self.opt, lr_factor(state["step"], self.total, t))
+                set_lr(self.opt, state["step"], self.total, self.steps_per_epoch, t)
                 try:
                     out = self.step(net, x, y)
                 except UserError:
@@ -343,7 +342,7 @@ class Trainer:
         t, state = self.t, self.state
         logged: dict[str, float] = {}
         for split in self.eval_names:
-            metrics, _ = self.eval_split(split)
+            metrics, _ = self.eval_split(split, final=False)
             logged |= {f"{split}/{k}": v for k, v in metrics.items()}
         tracker.log(state["step"], logged, epoch=state["step"] / self.steps_per_epoch,
                     train_time=round(state["train_time"], 3))
@@ -361,15 +360,15 @@ class Trainer:
             state["bad_evals"] += 1
         return bool(t.early_stopping) and state["bad_evals"] >= t.early_stopping
 
-    def eval_split(self, split: str) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    def eval_split(self, split: str, final: bool = True) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
         """Metrics and statistics of the current weights on `split`, computed once per step (the final
-        evaluation reuses the last epoch's when the weights are the same)."""
+        evaluation reuses the last epoch's when the weights and the kind of evaluation are the same)."""
         if self.evals_step != self.state["step"]:
             self.evals, self.evals_step = {}, self.state["step"]
-        if split not in self.evals:
-            self.evals[split] = evaluate(self.eval_model(), self.task, self.eval_loader(split), self.env,
-                                         self.precision)
-        return self.evals[split]
+        if (split, final) not in self.evals:
+            self.evals[split, final] = evaluate(self.eval_model(), self.task, self.eval_loader(split), self.env,
+                                                self.precision, final)
+        return self.evals[split, final]
 
     def finish(self, tracker: Tracker, wall: float) -> Path:
         """Evaluate the best weights on the final splits; write summary.json and the report."""

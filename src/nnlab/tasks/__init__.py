@@ -3,9 +3,10 @@
 A task is built from its config dataclass and the data's `DataSpec` and answers:
 - `step(model, batch) -> {"loss": tensor, **scalar extras}`: one training objective evaluation;
   the trainer backpropagates `loss` and logs every entry under `train/`.
-- `eval_stats(model, batch) -> {name: tensor}`: additive sufficient statistics of one batch (counts,
-  sums, a confusion matrix). The evaluator sums them over batches and processes (all-reduce), so
-  metrics are exact under distributed evaluation.
+- `eval_stats(model, batch, final=True) -> {name: tensor}`: additive sufficient statistics of one batch
+  (counts, sums, a confusion matrix). The evaluator sums them over batches and processes (all-reduce), so
+  metrics are exact under distributed evaluation. `final=False` marks the evaluations during training,
+  where a task may skip costly extras (test-time augmentation) that only the reported figures need.
 - `metrics(stats) -> {name: float}`: final metrics from the summed statistics.
 - `predict(model, x) -> tensor`: model outputs for new inputs (probabilities for classifiers).
 """

@@ -17,7 +17,7 @@ from . import tasks
 class ClassificationConfig:
     name: str = "classification"
     label_smoothing: float = 0.0  # cross-entropy label smoothing (Szegedy et al. 2016)
-    tta: str = "none"  # test-time augmentation at evaluation: none | flip | flip_translate
+    tta: str = "none"  # test-time augmentation: none | flip | flip_translate (final evaluation, eval, predict)
 
     def __post_init__(self) -> None:
         check(0.0 <= self.label_smoothing < 1.0, "task.label_smoothing", "must be in [0, 1)")
@@ -46,9 +46,9 @@ class Classification:
                 views.append(0.5 * (model(pad[..., :-2, :-2]).float() + model(pad[..., 2:, 2:]).float()))
         return torch.stack(views).mean(0)
 
-    def eval_stats(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
+    def eval_stats(self, model: nn.Module, batch: tuple[Tensor, Tensor], final: bool = True) -> dict[str, Tensor]:
         x, y = batch
-        logits = self.logits(model, x)
+        logits = self.logits(model, x) if final else model(x).float()  # no TTA while training (airbench)
         pred = logits.argmax(1)
         k = self.num_classes
         confusion = torch.bincount(y * k + pred, minlength=k * k).view(k, k)  # rows: true, cols: predicted
