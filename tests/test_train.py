@@ -64,6 +64,9 @@ def test_features_smoke(tmp_path) -> None:
                   optimizer="sgd", lr=0.05, early_stopping=1, eval_every_steps=7, monitor="val/loss")
     summary = json.loads((folder / R.SUMMARY).read_text())
     assert summary["steps"] > 0 and math.isfinite(summary["final"]["test/loss"])
+    rows = [json.loads(line) for line in (folder / R.METRICS).read_text().splitlines()]
+    times = [r["train_time"] for r in rows if "val/loss" in r]  # step-wise evaluations too, mid-epoch ones
+    assert len(times) >= 3 and times[0] > 0 and all(a < b for a, b in zip(times, times[1:]))
 
 
 def test_cli_eval_predict_runs_report(tmp_path, tiny_recipe, capsys) -> None:

@@ -254,7 +254,7 @@ class Trainer:
         for epoch in range(state["epoch"], self.epochs):
             remaining = min(self.steps_per_epoch, self.total - epoch * self.steps_per_epoch)
             self.progress.start(epoch, self.epochs, remaining, state["batch"])
-            t_epoch = t_log = time.perf_counter()
+            self.t_mark = t_log = time.perf_counter()
             for i, (x, y) in enumerate(self.loader.epoch(epoch, start=state["batch"]), start=state["batch"]):
                 if i >= remaining:
                     break
@@ -289,11 +289,14 @@ class Trainer:
                     self.progress.update(since, logged)
                     sums, since, t_log = {}, 0, time.perf_counter()
                 if evaluating and t.eval_every_steps and state["step"] % t.eval_every_steps == 0:
+                    self.tick()
                     stop = self.validate(tracker)
-                    t_log = time.perf_counter()
+                    self.t_mark = t_log = time.perf_counter()
                 if t.checkpoint_every and state["step"] % t.checkpoint_every == 0:
+                    self.tick()
                     self.save("last")
-            state["train_time"] += time.perf_counter() - t_epoch
+                    self.t_mark = t_log = time.perf_counter()
+            self.tick()
             state["epoch"], state["batch"] = epoch + 1, 0
             if evaluating and t.eval_every and (epoch + 1) % t.eval_every == 0:
                 stop = self.validate(tracker) or stop
@@ -304,6 +307,12 @@ class Trainer:
                 self.progress.write(f"early stopping: no improvement of {t.monitor} in {t.early_stopping} evaluations")
                 break
         return self.finish(tracker, time.time() - t_start)
+
+    def tick(self) -> None:
+        """Add the time since the last mark to the training time (evaluations and checkpoints excluded)."""
+        now = time.perf_counter()
+        self.state["train_time"] += now - self.t_mark
+        self.t_mark = now
 
     def step(self, net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """One optimizer step over `accumulate` micro-batches; returns the detached task outputs."""
@@ -340,6 +349,9 @@ class Trainer:
     def validate(self, tracker: Tracker) -> bool:
         """Evaluate on `eval_splits`, log, keep the best checkpoint; True when early stopping says stop."""
         t, state = self.t, self.state
+        if state.get("validated") == state["step"]:  # a step-wise evaluation at an epoch's end: done already
+            return False
+        state["validated"] = state["step"]
         logged: dict[str, float] = {}
         for split in self.eval_names:
             metrics, _ = self.eval_split(split, final=False)
