@@ -66,7 +66,7 @@ def test_features_smoke(tmp_path) -> None:
     assert summary["steps"] > 0 and math.isfinite(summary["final"]["test/loss"])
     rows = [json.loads(line) for line in (folder / R.METRICS).read_text().splitlines()]
     times = [r["train_time"] for r in rows if "val/loss" in r]  # step-wise evaluations too, mid-epoch ones
-    assert len(times) >= 3 and times[0] > 0 and all(a < b for a, b in zip(times, times[1:]))
+    assert len(times) >= 3 and times[0] > 0 and all(a < b for a, b in zip(times, times[1:], strict=False))
 
 
 def test_cli_eval_predict_runs_report(tmp_path, tiny_recipe, capsys) -> None:
