@@ -28,11 +28,14 @@ def test_order_is_a_function_of_seed_and_epoch_and_resume_is_exact() -> None:
 
 
 def test_shards_cover_each_global_batch() -> None:
+    """Two processes see, augmentation included, exactly the images one process sees."""
     x, y = data()
-    whole = list(Loader(x, y, 8, shuffle=True, seed=1).epoch(0))
-    parts = [list(Loader(x, y, 8, shuffle=True, seed=1, rank=r, world=2).epoch(0)) for r in range(2)]
-    for i, (_, yb) in enumerate(whole):
+    aug = Augment(crop_padding=2, flip="random", seed=1)
+    whole = list(Loader(x, y, 8, shuffle=True, seed=1, augment=aug).epoch(0))
+    parts = [list(Loader(x, y, 8, shuffle=True, seed=1, augment=aug, rank=r, world=2).epoch(0)) for r in range(2)]
+    for i, (xb, yb) in enumerate(whole):
         assert torch.equal(torch.cat([parts[0][i][1], parts[1][i][1]]), yb)
+        assert torch.equal(torch.cat([parts[0][i][0], parts[1][i][0]]), xb)
 
 
 @pytest.mark.parametrize("mode", ["zeros", "reflect"])

@@ -69,6 +69,23 @@ def test_features_smoke(tmp_path) -> None:
     assert len(times) >= 3 and times[0] > 0 and all(a < b for a, b in zip(times, times[1:], strict=False))
 
 
+def test_resume_of_a_finished_run_keeps_stop_best_and_log(tmp_path) -> None:
+    """An early-stopped run resumed with a larger budget stays stopped; a best checkpoint caught between the
+    two renames of its swap is put back; the final evaluation is logged once, not again on resume."""
+    import os
+
+    folder = tiny(tmp_path, epochs=6, lr=1e-12, early_stopping=1)  # no progress: stops after 2 evaluations
+    steps = json.loads((folder / R.SUMMARY).read_text())["steps"]
+    assert steps == 2 * (512 - 64) // 32
+    before = [{k: v for k, v in r.items() if k != "time"} for r in R.read_metrics(folder)]
+    best = folder / R.CHECKPOINTS / "best"
+    os.replace(best, best.with_name("best.old"))  # as if killed in the middle of swapping it in
+    nnlab.resume(folder, ("train.epochs=10",), quiet=True, progress=False)
+    assert json.loads((folder / R.SUMMARY).read_text())["steps"] == steps
+    assert (best / R.WEIGHTS).is_file() and not best.with_name("best.old").exists()
+    assert [{k: v for k, v in r.items() if k != "time"} for r in R.read_metrics(folder)] == before
+
+
 def test_cli_eval_predict_runs_report(tmp_path, tiny_recipe, capsys) -> None:
     from PIL import Image
 

@@ -55,11 +55,20 @@ def setup(device: str) -> Env:
     return Env(dev, rank, world, local)
 
 
-def all_reduce_sum(tensors: dict[str, torch.Tensor], env: Env) -> dict[str, torch.Tensor]:
+def all_reduce(tensors: dict[str, torch.Tensor], env: Env, op: str = "sum") -> dict[str, torch.Tensor]:
+    """Reduce every tensor in place across processes: op sum | min."""
     if env.world > 1:
         for t in tensors.values():
-            dist.all_reduce(t)
+            dist.all_reduce(t, dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.SUM)
     return tensors
+
+
+def broadcast_buffers(module: torch.nn.Module, env: Env) -> None:
+    """Rank 0's buffers (batch-norm statistics) everywhere: under DDP each rank updates its own copy from
+    its shard after the forward, so evaluations and checkpoints use rank 0's, as DDP does in training."""
+    if env.world > 1:
+        for b in module.buffers():
+            dist.broadcast(b, src=0)
 
 
 def gather_objects(obj, env: Env) -> list:

@@ -46,6 +46,6 @@ def evaluate(model: nn.Module, task: Any, loader: Loader, env: dist.Env, precisi
         with autocast(env.device, precision):
             for k, v in task.eval_stats(model, batch, final=final).items():
                 stats[k] = stats[k] + v if k in stats else v.clone()
-    dist.all_reduce_sum(stats, env)
+    dist.all_reduce(stats, env)
     model.train(was_training)
     return task.metrics(stats), {k: v.cpu() for k, v in stats.items()}

@@ -74,6 +74,8 @@ def predict_files(path: str | Path, files: list[str | Path], which: str = "best"
     the others are still predicted."""
     from .data import normalize
 
+    if top < 1:
+        raise UserError(f"--top must be at least 1 (got {top})")
     loaded = load_model(path, which)
     results: list[dict[str, Any]] = []
     images, slots = [], []

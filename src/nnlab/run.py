@@ -97,6 +97,7 @@ def swap_in(tmp: Path, final: Path) -> None:
     """Replace folder `final` by the complete folder `tmp`. If killed between the two renames, `final`
     is absent and `final.old` complete: `recover` puts it back."""
     old = final.with_name(final.name + ".old")
+    recover(final)  # a kill between the renames last time: `old` is the only complete copy
     if old.exists():
         shutil.rmtree(old)
     if final.exists():
@@ -202,9 +203,10 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop events logged after `step` (used on resume, so the log matches an uninterrupted run)."""
-    rows = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+def truncate_metrics(path: Path, keep: int) -> None:
+    """Keep the first `keep` events, those logged before the checkpoint a run resumes from, so the log
+    matches an uninterrupted run's (final evaluations of a run killed while finishing included)."""
+    rows = read_metrics(path)[:keep]
     atomic_write(Path(path) / METRICS, "".join(json.dumps(r) + "\n" for r in rows))
 
 

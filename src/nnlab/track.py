@@ -16,9 +16,10 @@ class Tracker:
     on every process but rank 0."""
 
     def __init__(self, folder: Path | None, tensorboard: bool = True, purge_step: int | None = None):
-        self.folder, self.tb, self.t0 = folder, None, time.time()
+        self.folder, self.tb, self.t0, self.rows = folder, None, time.time(), 0
         if folder is None:
             return
+        self.rows = len(R.read_metrics(folder))  # events already in the file (a resumed run)
         self.file = open(folder / R.METRICS, "a")
         if tensorboard:
             try:
@@ -34,6 +35,7 @@ class Tracker:
         row = {"step": step, **fields, "time": round(time.time() - self.t0, 3), **metrics}
         self.file.write(json.dumps(row) + "\n")  # one write per line: a kill tears at most the last line
         self.file.flush()
+        self.rows += 1
         if self.tb is not None:
             for k, v in metrics.items():
                 self.tb.add_scalar(k, v, step)

@@ -31,6 +31,8 @@ from .optim import EMA, build_optimizer, set_lr
 from .tasks import build as build_task
 from .track import Progress, Tracker
 
+NEVER = 2**62  # `first_bad` while every loss so far was finite
+
 
 @dataclass
 class TrainConfig:
@@ -43,7 +45,7 @@ class TrainConfig:
     momentum: float = 0.9  # SGD momentum
     nesterov: bool = True  # Nesterov momentum for SGD
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
-    weight_decay: float = 0.0  # decoupled (AdamW) or L2 (SGD) weight decay on >=2-D weights
+    weight_decay: float = 0.0  # decoupled (AdamW) or L2 (SGD) weight decay on >=2-D weights (none on Muon's)
     decouple_wd: bool = False  # weight_decay is the fraction of a weight removed per step at peak lr, for every
     #                            group alike (divided by each group's lr; airbench's SGD); default: times the lr
     decay_biases: bool = False  # weight decay on biases and norm parameters too
@@ -135,8 +137,9 @@ class Trainer:
 
         self.data = datasets[cfg.data.name].factory(cfg.data)
         self.spec = self.data.spec
-        if t.batch_size % env.world:
-            raise UserError(f"train.batch_size={t.batch_size} must be divisible by the {env.world} processes")
+        if t.batch_size % (env.world * t.accumulate):
+            raise UserError(f"train.batch_size={t.batch_size} must be divisible by the {env.world} process(es) "
+                            f"x train.accumulate={t.accumulate}")
         torch.manual_seed(t.seed)  # the same initial weights on every process
         self.model = build_model(cfg.model.name, cfg.model, self.spec).to(env.device)
         if t.channels_last:
@@ -157,7 +160,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(enabled=self.precision == "fp16" and env.device.type == "cuda")
         self.ema = EMA(self.model, t.ema) if t.ema else None
         self.state: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "best": None, "best_step": None,
-                                      "bad_evals": 0, "train_time": 0.0, "samples": 0}
+                                      "bad_evals": 0, "stopped": False, "train_time": 0.0, "samples": 0,
+                                      "rows": 0}  # rows: metrics.jsonl events written when last saved
+        self.first_bad = torch.tensor(NEVER, device=env.device)  # first step with a non-finite loss
         self.last_val: dict[str, float] = {}  # latest evaluation, shown at epoch ends
         self.evals: dict[tuple[str, bool], tuple[dict, dict]] = {}  # (split, final) -> (metrics, stats) at evals_step
         self.evals_step = -1
@@ -185,10 +190,19 @@ class Trainer:
                 "epoch": self.state["epoch"], "metrics": metrics, "nnlab_version": nnlab.__version__,
                 "torch_version": torch.__version__}
 
+    def sync_buffers(self) -> None:
+        for m in (self.model, self.ema.model) if self.ema else (self.model,):
+            dist.broadcast_buffers(m, self.env)
+
     def save(self, name: str, metrics: dict[str, float] | None = None) -> None:
-        rng = dist.gather_objects(torch.get_rng_state(), self.env)  # every process's dropout RNG
+        self.sync_buffers()
+        rng = [torch.get_rng_state()]  # the dropout RNG of every process
+        if self.env.device.type == "cuda":
+            rng.append(torch.cuda.get_rng_state(self.env.device))
+        rng = dist.gather_objects(rng, self.env)
         if not self.env.main:
             return
+        self.state["rows"] = self.tracker.rows
         resume_state = {"optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
                         "rng": rng, "state": dict(self.state)}
         if self.ema:
@@ -203,13 +217,16 @@ class Trainer:
             self.eval_model().load_state_dict(weights)
             if self.ema:
                 self.model.load_state_dict(st["raw_model"])
-            base_lrs = [g["base_lr"] for g in self.opt.param_groups]  # from the config: overrides win
+            fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.opt.param_groups]
             self.opt.load_state_dict(st["optimizer"])
-            for g, lr in zip(self.opt.param_groups, base_lrs, strict=True):
-                g["base_lr"] = lr
+            for g, hyper in zip(self.opt.param_groups, fresh, strict=True):
+                g.update(hyper)  # learning rates, decay, momentum from the config: overrides win
             self.scaler.load_state_dict(st["scaler"])
-            torch.set_rng_state(st["rng"][self.env.rank % len(st["rng"])])
-            self.state = st["state"]
+            rng = st["rng"][self.env.rank % len(st["rng"])]
+            torch.set_rng_state(rng[0])
+            if self.env.device.type == "cuda" and len(rng) > 1:
+                torch.cuda.set_rng_state(rng[1], self.env.device)
+            self.state = self.state | st["state"]
         except (KeyError, RuntimeError, ValueError) as e:
             raise UserError(f"checkpoint {folder} does not match this run's model/optimizer "
                             f"({str(e).splitlines()[0]})") from None
@@ -219,10 +236,14 @@ class Trainer:
         t, env, state = self.t, self.env, self.state
         if resume_dir is not None:
             self.folder = Path(resume_dir)
+            if env.main:  # a kill in the middle of a checkpoint swap: put the complete copy back
+                for name in ("last", "best"):
+                    R.recover(self.folder / R.CHECKPOINTS / name)
+            dist.barrier(env)
             self.load(R.checkpoint_dir(self.folder, "last"))
             state = self.state
             if env.main:
-                R.truncate_metrics(self.folder, state["step"])
+                R.truncate_metrics(self.folder, state["rows"])
         else:
             self.folder = Path(dist.broadcast_object(
                 str(R.new_run_dir(out, self.cfg.name)) if env.main else None, env))
@@ -234,7 +255,8 @@ class Trainer:
                     self.ema = EMA(self.model, t.ema)
         if resume_dir is None:
             torch.manual_seed(t.seed * 7919 + env.rank)  # each process its own dropout stream
-        tracker = Tracker(self.folder if env.main else None, t.tensorboard, purge_step=state["step"] + 1)
+        self.tracker = tracker = Tracker(self.folder if env.main else None, t.tensorboard,
+                                         purge_step=state["step"] + 1)
         net = self.model
         if env.world > 1:
             net = torch.nn.parallel.DistributedDataParallel(
@@ -247,11 +269,13 @@ class Trainer:
         self.progress.write(f"run {self.folder}: {self.cfg.model.name} on {self.cfg.data.name}, "
                             f"{sum(p.numel() for p in self.model.parameters()):,} parameters, "
                             f"{env.device.type} x{env.world}, {self.precision}")
-        t_start, stop = time.time(), False
+        t_start = time.time()
         logged: dict[str, float] = {}
         sums: dict[str, torch.Tensor] = {}
         since, t_log = 0, time.perf_counter()
         for epoch in range(state["epoch"], self.epochs):
+            if state["stopped"]:  # early stopping decided before an interruption
+                break
             remaining = min(self.steps_per_epoch, self.total - epoch * self.steps_per_epoch)
             self.progress.start(epoch, self.epochs, remaining, state["batch"])
             self.t_mark = t_log = time.perf_counter()
@@ -278,32 +302,38 @@ class Trainer:
                 state["batch"] = i + 1
                 state["samples"] += len(x) * env.world
                 since += 1
-                if state["step"] % t.log_every == 0 or state["batch"] == remaining:
+                log_now = state["step"] % t.log_every == 0 or state["batch"] == remaining
+                eval_now = evaluating and t.eval_every_steps and state["step"] % t.eval_every_steps == 0
+                save_now = t.checkpoint_every and state["step"] % t.checkpoint_every == 0
+                if log_now or eval_now or save_now:
+                    self.check_finite()  # before anything of a diverged step is logged or saved
+                if log_now:
                     dt = time.perf_counter() - t_log
-                    logged = {f"train/{k}": v.item() / since for k, v in sums.items()}
-                    if not math.isfinite(logged["train/loss"]):
-                        self.diverged(state["step"], logged["train/loss"])
+                    sums = dist.all_reduce(sums, env)  # every process's shard
+                    logged = {f"train/{k}": v.item() / since / env.world for k, v in sums.items()}
                     logged["train/lr"] = self.opt.param_groups[0]["lr"]
                     logged["perf/samples_per_s"] = since * t.batch_size / dt
                     tracker.log(state["step"], logged, epoch=epoch + (i + 1) / self.steps_per_epoch)
                     self.progress.update(since, logged)
                     sums, since, t_log = {}, 0, time.perf_counter()
-                if evaluating and t.eval_every_steps and state["step"] % t.eval_every_steps == 0:
+                if eval_now:
                     self.tick()
-                    stop = self.validate(tracker)
+                    self.validate(tracker)
                     self.t_mark = t_log = time.perf_counter()
-                if t.checkpoint_every and state["step"] % t.checkpoint_every == 0:
+                    if state["stopped"]:
+                        break
+                if save_now:
                     self.tick()
                     self.save("last")
                     self.t_mark = t_log = time.perf_counter()
             self.tick()
             state["epoch"], state["batch"] = epoch + 1, 0
             if evaluating and t.eval_every and (epoch + 1) % t.eval_every == 0:
-                stop = self.validate(tracker) or stop
+                self.validate(tracker)
             self.save("last")
             self.progress.end(epoch, self.epochs, {k.split("/")[1]: v for k, v in logged.items()
                                                    if k in ("train/loss", "train/acc")} | self.last_val)
-            if stop:
+            if state["stopped"]:
                 self.progress.write(f"early stopping: no improvement of {t.monitor} in {t.early_stopping} evaluations")
                 break
         return self.finish(tracker, time.time() - t_start)
@@ -326,8 +356,8 @@ class Trainer:
             self.scaler.scale(res["loss"] / t.accumulate).backward()
             for k, v in res.items():
                 out[k] = out.get(k, 0) + v.detach().float() / t.accumulate
-        if self.env.device.type == "cpu" and self.env.world == 1 and not math.isfinite(out["loss"].item()):
-            self.diverged(self.state["step"] + 1, out["loss"].item())  # before the bad step touches weights
+        self.first_bad = torch.where(torch.isfinite(out["loss"]), self.first_bad,
+                                     self.first_bad.clamp(max=self.state["step"] + 1))  # no sync here
         if t.grad_clip:
             for o in self.opt.opts if self.scaler.is_enabled() else []:
                 self.scaler.unscale_(o)
@@ -340,18 +370,24 @@ class Trainer:
             self.ema.update(self.model)
         return out
 
-    def diverged(self, step: int, value: float) -> None:
+    def check_finite(self) -> None:
+        """Stop at the first step whose loss was NaN/inf on any process; called before logging or saving."""
+        step = int(dist.all_reduce({"s": self.first_bad.clone()}, self.env, op="min")["s"].item())
+        if step == NEVER:
+            return
         last = self.folder / R.CHECKPOINTS / "last"
         keep = f"the last good checkpoint ({last}) is intact" if last.exists() else "no checkpoint was written yet"
-        raise Diverged(f"loss is {value} at step {step}: training stopped; {keep}. Lower train.lr, set "
-                       f"train.grad_clip, or check the data for bad values")
+        raise Diverged(f"loss is not finite (NaN or inf) at step {step}: training stopped; {keep}. Lower "
+                       f"train.lr, set train.grad_clip, or check the data for bad values")
 
-    def validate(self, tracker: Tracker) -> bool:
-        """Evaluate on `eval_splits`, log, keep the best checkpoint; True when early stopping says stop."""
+    def validate(self, tracker: Tracker) -> None:
+        """Evaluate on `eval_splits`, log, keep the best checkpoint; sets state `stopped` when early
+        stopping says so."""
         t, state = self.t, self.state
         if state.get("validated") == state["step"]:  # a step-wise evaluation at an epoch's end: done already
-            return False
+            return
         state["validated"] = state["step"]
+        self.sync_buffers()
         logged: dict[str, float] = {}
         for split in self.eval_names:
             metrics, _ = self.eval_split(split, final=False)
@@ -360,7 +396,7 @@ class Trainer:
                     train_time=round(state["train_time"], 3))
         self.last_val = {k.replace("/", "_"): v for k, v in logged.items() if k.endswith(("/loss", "/acc"))}
         if not t.monitor:
-            return False
+            return
         if t.monitor not in logged:
             raise UserError(f"train.monitor='{t.monitor}' is not among the evaluated metrics: {', '.join(logged)}")
         value = logged[t.monitor]
@@ -370,7 +406,7 @@ class Trainer:
             self.save("best", logged)
         else:
             state["bad_evals"] += 1
-        return bool(t.early_stopping) and state["bad_evals"] >= t.early_stopping
+        state["stopped"] = bool(t.early_stopping) and state["bad_evals"] >= t.early_stopping
 
     def eval_split(self, split: str, final: bool = True) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
         """Metrics and statistics of the current weights on `split`, computed once per step (the final
@@ -385,6 +421,7 @@ class Trainer:
     def finish(self, tracker: Tracker, wall: float) -> Path:
         """Evaluate the best weights on the final splits; write summary.json and the report."""
         t, env, state = self.t, self.env, self.state
+        self.sync_buffers()
         best_dir = self.folder / R.CHECKPOINTS / "best"
         if t.monitor and best_dir.exists():
             self.eval_model().load_state_dict(R.load_weights(best_dir))

@@ -92,7 +92,8 @@ class Loader:
 
     The order of an epoch is a pure function of (seed, epoch), and augmentation of (seed, epoch, batch),
     so a run resumed at any batch sees exactly the data an uninterrupted run would. Under distributed
-    training each global batch is cut into `world` equal shards and rank r takes shard r.
+    training each global batch is augmented whole (the same draws as one process) and cut into `world`
+    equal shards; rank r takes shard r.
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool = False,
@@ -119,12 +120,13 @@ class Loader:
             order = torch.arange(n, device=self.device)
         for i in range(start, len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-            idx = idx.tensor_split(self.world)[self.rank]
             x = self.x[idx]
             if self.augment is not None and (self.augment.crop_padding or self.augment.flip != "none"):
                 g = torch.Generator(device=self.device)
                 g.manual_seed((self.seed * 1_000_003 + epoch) * 100_003 + i)
                 x = self.augment(x, idx, epoch, g)
+            if self.world > 1:  # (the whole global batch is gathered: cheap next to the step)
+                x, idx = x.tensor_split(self.world)[self.rank], idx.tensor_split(self.world)[self.rank]
             yield (self.transform(x) if self.transform else x), self.y[idx]
 
 
