@@ -197,3 +197,46 @@ def test_compile_failure_falls_back_to_eager(tmp_path, monkeypatch, capsys) -> N
     folder = nnlab.train(TINY, out=tmp_path / "runs", quiet=True, train={"compile": True})
     assert "torch.compile failed" in capsys.readouterr().err
     assert json.loads((folder / R.SUMMARY).read_text())["final"]["test/acc"] > 0.5
+
+
+def test_task_can_take_over_the_update(tmp_path) -> None:
+    """A task with its own optimizers and `update` (as a GAN's alternating players): the loop schedules, logs,
+    checkpoints both optimizers, and a resumed run ends where an uninterrupted one does."""
+    from dataclasses import dataclass
+
+    from nnlab.optim import Optimizers
+    from nnlab.tasks import tasks
+    from nnlab.tasks.classification import Classification, ClassificationConfig
+
+    @dataclass
+    class TurnsConfig(ClassificationConfig):
+        name: str = "turns"
+
+    class Turns(Classification):
+        def optimizer(self, model, cfg):  # player one: the first layer; player two: the rest
+            params = list(model.parameters())
+            return Optimizers([torch.optim.SGD(params[:2], lr=cfg.lr, momentum=0.9),
+                               torch.optim.SGD(params[2:], lr=cfg.lr, momentum=0.9)])
+
+        def update(self, model, batch, opts):
+            out = {}
+            for i, opt in enumerate(opts.opts):  # each player's step on the loss as the other left it
+                loss = self.step(model, batch)["loss"]
+                loss.backward()
+                opt.step()
+                opts.zero_grad()
+                out[f"loss{i}"] = loss
+            return {"loss": out["loss1"], **out}
+
+    if "turns" not in tasks:
+        tasks.register("turns", config=TurnsConfig)(lambda cfg, spec: Turns(cfg, spec))
+    sections = {"task": {"name": "turns"}, "train": {"lr": 0.1, "schedule": "constant"}}
+    whole = nnlab.train(TINY, out=tmp_path / "a", quiet=True, progress=False, **sections)  # 2 epochs
+    final = json.loads((whole / R.SUMMARY).read_text())["final"]
+    assert final["test/acc"] > 0.5
+    assert {"train/loss0", "train/loss1"} <= set().union(*R.read_metrics(whole))
+    state = R.load_train_state(whole / R.CHECKPOINTS / "last")
+    assert len(state["optimizer"]) == 2 and all(s["state"] for s in state["optimizer"])  # momentum of both
+    half = nnlab.train(TINY, ["train.epochs=1"], out=tmp_path / "b", quiet=True, progress=False, **sections)
+    nnlab.resume(half, ("train.epochs=2",), quiet=True, progress=False)
+    assert json.loads((half / R.SUMMARY).read_text())["final"] == final

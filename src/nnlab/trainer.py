@@ -156,7 +156,12 @@ class Trainer:
         self.steps_per_epoch = len(self.loader)
         self.total = t.max_steps or t.epochs * self.steps_per_epoch
         self.epochs = math.ceil(self.total / self.steps_per_epoch)
-        self.opt = build_optimizer(self.model, t)
+        if hasattr(self.task, "optimizer"):  # a task with its own optimizers (a GAN: one per player)
+            self.opt = self.task.optimizer(self.model, t)
+            for g in self.opt.param_groups:
+                g.setdefault("base_lr", g["lr"])  # what the schedule scales
+        else:
+            self.opt = build_optimizer(self.model, t)
         self.scaler = torch.amp.GradScaler(enabled=self.precision == "fp16" and env.device.type == "cuda")
         self.ema = EMA(self.model, t.ema) if t.ema else None
         self.state: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "best": None, "best_step": None,
@@ -345,27 +350,33 @@ class Trainer:
         self.t_mark = now
 
     def step(self, net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One optimizer step over `accumulate` micro-batches; returns the detached task outputs."""
+        """One optimizer step over `accumulate` micro-batches; returns the detached task outputs. A task with
+        an `update(model, batch, optimizers)` method makes the whole step itself (a GAN's alternating updates)."""
         t = self.t
         out: dict[str, torch.Tensor] = {}
-        chunks = list(zip(x.tensor_split(t.accumulate), y.tensor_split(t.accumulate), strict=True))
-        for j, (xm, ym) in enumerate(chunks):
-            sync = j == len(chunks) - 1 or not hasattr(net, "no_sync")
-            with (contextlib.nullcontext() if sync else net.no_sync()), autocast(self.env.device, self.precision):
-                res = self.task.step(net, (xm, ym))
-            self.scaler.scale(res["loss"] / t.accumulate).backward()
-            for k, v in res.items():
-                out[k] = out.get(k, 0) + v.detach().float() / t.accumulate
+        if hasattr(self.task, "update"):
+            with autocast(self.env.device, self.precision):
+                out = {k: v.detach().float() for k, v in self.task.update(net, (x, y), self.opt).items()}
+        else:
+            chunks = list(zip(x.tensor_split(t.accumulate), y.tensor_split(t.accumulate), strict=True))
+            for j, (xm, ym) in enumerate(chunks):
+                sync = j == len(chunks) - 1 or not hasattr(net, "no_sync")
+                with (contextlib.nullcontext() if sync else net.no_sync()), autocast(self.env.device,
+                                                                                     self.precision):
+                    res = self.task.step(net, (xm, ym))
+                self.scaler.scale(res["loss"] / t.accumulate).backward()
+                for k, v in res.items():
+                    out[k] = out.get(k, 0) + v.detach().float() / t.accumulate
+            if t.grad_clip:
+                for o in self.opt.opts if self.scaler.is_enabled() else []:
+                    self.scaler.unscale_(o)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+            for o in self.opt.opts:
+                self.scaler.step(o)
+            self.scaler.update()
+            self.opt.zero_grad()
         self.first_bad = torch.where(torch.isfinite(out["loss"]), self.first_bad,
                                      self.first_bad.clamp(max=self.state["step"] + 1))  # no sync here
-        if t.grad_clip:
-            for o in self.opt.opts if self.scaler.is_enabled() else []:
-                self.scaler.unscale_(o)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
-        for o in self.opt.opts:
-            self.scaler.step(o)
-        self.scaler.update()
-        self.opt.zero_grad()
         if self.ema:
             self.ema.update(self.model)
         return out

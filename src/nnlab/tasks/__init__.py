@@ -9,6 +9,13 @@ A task is built from its config dataclass and the data's `DataSpec` and answers:
   where a task may skip costly extras (test-time augmentation) that only the reported figures need.
 - `metrics(stats) -> {name: float}`: final metrics from the summed statistics.
 - `predict(model, x) -> tensor`: model outputs for new inputs (probabilities for classifiers).
+
+Optional, for tasks that take over the optimisation (a GAN's two players updated in turn):
+- `optimizer(model, train_cfg) -> optim.Optimizers`: the task's own optimizers (each group's `lr` is the peak
+  the schedule scales);
+- `update(model, batch, optimizers) -> {"loss": tensor, **scalars}`: forward, backward and optimizer steps
+  of one training step. The trainer still schedules learning rates, logs, checks for NaN, checkpoints every
+  optimizer's state and resumes exactly.
 """
 
 from __future__ import annotations
