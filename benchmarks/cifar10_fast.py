@@ -34,6 +34,8 @@ def time_to(rows: list[dict], threshold: float) -> float | None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed+seeds-1 (to spread "
+                   "the five seeds over several sittings: one takes ~54 min on a 2-core CPU)")
     p.add_argument("--max-steps", type=int, default=0, help="stop each nnlab run after N steps (throughput only)")
     p.add_argument("--peer", default=None, help="shell command running the CPU-adapted airbench")
     p.add_argument("--out", default=None)
@@ -42,7 +44,7 @@ def main() -> None:
     if args.max_steps:
         overrides += [f"train.max_steps={args.max_steps}", "train.eval_every=0", "train.final_splits=[]"]
     results = []
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         t0 = time.perf_counter()
         res = subprocess.run([sys.executable, "-m", "nnlab", "train", "cifar10-fast", "--out", str(out), "-q",
                               f"train.seed={seed}", *overrides], capture_output=True, text=True)
