@@ -57,3 +57,19 @@ def test_two_processes_match_one(tmp_path: Path) -> None:
     assert more.returncode == 0, more.stderr
     ref = nnlab("train", str(recipe), "--out", str(tmp_path / "ref"), "-q", "train.epochs=4")
     close(final(ref.stdout.strip().splitlines()[-1])["final"], final(lines[-1])["final"])
+
+
+def test_batch_norm_statistics_are_rank_0s(tmp_path: Path) -> None:
+    """Under DDP each rank updates its own batch-norm statistics; evaluations and checkpoints use rank 0's,
+    so the reported metrics are those of the saved model (re-evaluated by one process)."""
+    bn = {**TINY, "model": {"name": "cnn", "channels": [8], "hidden": 16, "dropout": 0.0},
+          "train": {**TINY["train"], "epochs": 1, "monitor": "", "eval_every": 0}}
+    recipe = tmp_path / "bn.yaml"
+    recipe.write_text(yaml.safe_dump(bn))
+    two = torchrun("train", str(recipe), "--out", str(tmp_path / "two"), "-q")
+    assert two.returncode == 0, two.stderr
+    folder = two.stdout.strip().splitlines()[-1]
+    again = nnlab("eval", folder, "--split", "test", "--checkpoint", "last", "--json")
+    assert again.returncode == 0, again.stderr
+    again = json.loads(again.stdout)["metrics"]
+    close(final(folder)["final"], {f"test/{k}": v for k, v in again.items()})
