@@ -64,8 +64,7 @@ def test_features_smoke(tmp_path) -> None:
                   optimizer="sgd", lr=0.05, early_stopping=1, eval_every_steps=7, monitor="val/loss")
     summary = json.loads((folder / R.SUMMARY).read_text())
     assert summary["steps"] > 0 and math.isfinite(summary["final"]["test/loss"])
-    rows = [json.loads(line) for line in (folder / R.METRICS).read_text().splitlines()]
-    times = [r["train_time"] for r in rows if "val/loss" in r]  # step-wise evaluations too, mid-epoch ones
+    times = [r["train_time"] for r in R.read_metrics(folder) if "val/loss" in r]  # mid-epoch ones too
     assert len(times) >= 3 and times[0] > 0 and all(a < b for a, b in zip(times, times[1:], strict=False))
 
 

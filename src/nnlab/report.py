@@ -20,14 +20,14 @@ def _plt():
     return plt
 
 
-def _save(plt, fig, path: Path) -> None:
+def _save(fig, path: Path) -> None:
     """Render to bytes, then write atomically: a kill never leaves a torn PNG."""
     import io
 
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
+    _plt().close(fig)
     R.atomic_write(path, buf.getvalue())
 
 
@@ -48,7 +48,7 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> bool:
         ax.set_ylabel(kind)
         ax.grid(alpha=0.3)
         ax.legend()
-    _save(plt, fig, path)
+    _save(fig, path)
     return True
 
 
@@ -67,7 +67,7 @@ def plot_confusion(cm: list[list[int]], classes: list[str], path: Path) -> None:
     ax.set_yticks(range(k), classes, fontsize=8)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    _save(plt, fig, path)
+    _save(fig, path)
 
 
 def plot_predictions(images: torch.Tensor, true: list[str], pred: list[str], prob: list[float], path: Path) -> None:
@@ -91,7 +91,7 @@ def plot_predictions(images: torch.Tensor, true: list[str], pred: list[str], pro
         ax.text(q * (w + 1) + w / 2, r * (h + gap) + gap - 0.6, f"{pred[i]} ({prob[i]:.2f}) / {true[i]}",
                 ha="center", va="bottom", fontsize=6, color="black" if pred[i] == true[i] else "red")
     ax.axis("off")
-    _save(plt, fig, path)
+    _save(fig, path)
 
 
 def write_report(folder: Path, task: Any = None, model: Any = None, data: Any = None, prepare: Any = None,

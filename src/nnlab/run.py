@@ -203,11 +203,13 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def truncate_metrics(path: Path, keep: int) -> None:
+def truncate_metrics(path: Path, keep: int) -> int:
     """Keep the first `keep` events, those logged before the checkpoint a run resumes from, so the log
-    matches an uninterrupted run's (final evaluations of a run killed while finishing included)."""
+    matches an uninterrupted run's (final evaluations of a run killed while finishing included).
+    Returns how many events the file now holds."""
     rows = read_metrics(path)[:keep]
     atomic_write(Path(path) / METRICS, "".join(json.dumps(r) + "\n" for r in rows))
+    return len(rows)
 
 
 def read_config(path: Path) -> dict[str, Any]:

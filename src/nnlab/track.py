@@ -15,11 +15,12 @@ class Tracker:
     """Logs namespaced scalars (`train/loss`, `val/acc`, `perf/samples_per_s`) for one run; a no-op
     on every process but rank 0."""
 
-    def __init__(self, folder: Path | None, tensorboard: bool = True, purge_step: int | None = None):
-        self.folder, self.tb, self.t0, self.rows = folder, None, time.time(), 0
+    def __init__(self, folder: Path | None, tensorboard: bool = True, purge_step: int | None = None,
+                 rows: int = 0):
+        self.folder, self.tb, self.t0 = folder, None, time.time()
+        self.rows = rows  # events in metrics.jsonl (those kept from before, for a resumed run)
         if folder is None:
             return
-        self.rows = len(R.read_metrics(folder))  # events already in the file (a resumed run)
         self.file = open(folder / R.METRICS, "a")
         if tensorboard:
             try:

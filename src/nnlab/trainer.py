@@ -165,8 +165,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(enabled=self.precision == "fp16" and env.device.type == "cuda")
         self.ema = EMA(self.model, t.ema) if t.ema else None
         self.state: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "best": None, "best_step": None,
-                                      "bad_evals": 0, "stopped": False, "train_time": 0.0, "samples": 0,
-                                      "rows": 0}  # rows: metrics.jsonl events written when last saved
+                                      "bad_evals": 0, "stopped": False, "validated": -1, "train_time": 0.0,
+                                      "samples": 0, "rows": 0}  # rows: metrics.jsonl events when last saved
         self.first_bad = torch.tensor(NEVER, device=env.device)  # first step with a non-finite loss
         self.last_val: dict[str, float] = {}  # latest evaluation, shown at epoch ends
         self.evals: dict[tuple[str, bool], tuple[dict, dict]] = {}  # (split, final) -> (metrics, stats) at evals_step
@@ -248,7 +248,7 @@ class Trainer:
             self.load(R.checkpoint_dir(self.folder, "last"))
             state = self.state
             if env.main:
-                R.truncate_metrics(self.folder, state["rows"])
+                state["rows"] = R.truncate_metrics(self.folder, state["rows"])
         else:
             self.folder = Path(dist.broadcast_object(
                 str(R.new_run_dir(out, self.cfg.name)) if env.main else None, env))
@@ -261,7 +261,7 @@ class Trainer:
         if resume_dir is None:
             torch.manual_seed(t.seed * 7919 + env.rank)  # each process its own dropout stream
         self.tracker = tracker = Tracker(self.folder if env.main else None, t.tensorboard,
-                                         purge_step=state["step"] + 1)
+                                         purge_step=state["step"] + 1, rows=state["rows"])
         net = self.model
         if env.world > 1:
             net = torch.nn.parallel.DistributedDataParallel(
@@ -321,16 +321,15 @@ class Trainer:
                     tracker.log(state["step"], logged, epoch=epoch + (i + 1) / self.steps_per_epoch)
                     self.progress.update(since, logged)
                     sums, since, t_log = {}, 0, time.perf_counter()
-                if eval_now:
+                if eval_now or save_now:  # off the training clock
                     self.tick()
-                    self.validate(tracker)
+                    if eval_now:
+                        self.validate(tracker)
+                    if save_now and not state["stopped"]:  # (a stop saves at the epoch's end, below)
+                        self.save("last")
                     self.t_mark = t_log = time.perf_counter()
                     if state["stopped"]:
                         break
-                if save_now:
-                    self.tick()
-                    self.save("last")
-                    self.t_mark = t_log = time.perf_counter()
             self.tick()
             state["epoch"], state["batch"] = epoch + 1, 0
             if evaluating and t.eval_every and (epoch + 1) % t.eval_every == 0:
@@ -395,7 +394,7 @@ class Trainer:
         """Evaluate on `eval_splits`, log, keep the best checkpoint; sets state `stopped` when early
         stopping says so."""
         t, state = self.t, self.state
-        if state.get("validated") == state["step"]:  # a step-wise evaluation at an epoch's end: done already
+        if state["validated"] == state["step"]:  # a step-wise evaluation at an epoch's end: done already
             return
         state["validated"] = state["step"]
         self.sync_buffers()

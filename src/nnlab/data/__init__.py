@@ -56,6 +56,10 @@ class Augment:
     seed: int = 0
     padding_mode: str = "zeros"  # what the crop sees outside the image: zeros | reflect
 
+    @property
+    def enabled(self) -> bool:
+        return bool(self.crop_padding) or self.flip != "none"
+
     def __call__(self, x: torch.Tensor, idx: torch.Tensor, epoch: int, gen: torch.Generator) -> torch.Tensor:
         if self.flip == "random":
             mask = torch.rand(len(x), generator=gen, device=x.device) < 0.5
@@ -121,7 +125,7 @@ class Loader:
         for i in range(start, len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             x = self.x[idx]
-            if self.augment is not None and (self.augment.crop_padding or self.augment.flip != "none"):
+            if self.augment is not None and self.augment.enabled:
                 g = torch.Generator(device=self.device)
                 g.manual_seed((self.seed * 1_000_003 + epoch) * 100_003 + i)
                 x = self.augment(x, idx, epoch, g)
