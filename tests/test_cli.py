@@ -31,6 +31,9 @@ def test_recipes_lists_and_prints(capsys) -> None:
     assert main(["recipes", "mnist-cnn"]) == 0
     assert "name: mnist-cnn" in capsys.readouterr().out
     assert main(["recipes", "mnist-cn"]) == 2
+    assert "did you mean 'mnist-cnn'" in capsys.readouterr().err
+    assert main(["train", "mnist-cn"]) == 2
+    assert "unknown recipe 'mnist-cn' (did you mean 'mnist-cnn'?)" in capsys.readouterr().err
 
 
 def test_default_recipe_trains_on_bundled_digits(tmp_path: Path) -> None:

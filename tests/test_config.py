@@ -44,10 +44,13 @@ def test_overrides_and_sections() -> None:
     (["data.flip=randm"], "did you mean 'random'?"),
     (["train.epochs"], "is not of the form key=value"),
 ])
-def test_config_errors(overrides: list[str], message: str) -> None:
+def test_config_errors(overrides: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(UserError) as e:
         load_config("mnist-cnn", overrides)
     assert message in str(e.value)
+    assert main(["train", "mnist-cnn", *overrides, "--print-config"]) == 2  # the CLI: one line, exit 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
 
 
 def test_unknown_recipe() -> None:

@@ -102,6 +102,8 @@ def test_cli_eval_predict_runs_report(tmp_path, tiny_recipe, capsys) -> None:
     assert len(lines) == 3 and lines[0].startswith(str(img)) and float(lines[0].split("\t")[2]) > 0
     assert "not a readable image" in lines[1] and "no such file" in lines[2]
     assert "2 of 3 files" in captured.err
+    assert main(["predict", folder, str(img), "--top", "0"]) == 2
+    assert "--top must be at least 1" in capsys.readouterr().err
     assert main(["runs", str(tmp_path / "runs")]) == 0
     assert "tiny-" in capsys.readouterr().out
     assert main(["report", folder]) == 0
