@@ -1,7 +1,8 @@
 """THE run format: one folder per run, read by every command.
 
     <run>/config.yaml         the fully resolved config
-    <run>/metrics.jsonl       one JSON object per log event: {"step", "epoch", "time", "train/loss", ...}
+    <run>/metrics.jsonl       one JSON object per log event: {"step", "epoch", "time", "train/loss", ...};
+                              `time` is the run's seconds, summed over a resumed run's sittings
     <run>/summary.json        final and best metrics, wall time, parameter count, versions, device, seed
     <run>/checkpoints/last/   model.safetensors + model.json (rebuilds the model) + trainer.pt (resume state)
     <run>/checkpoints/best/   the same, at the best value of `train.monitor`

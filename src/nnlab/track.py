@@ -16,8 +16,9 @@ class Tracker:
     on every process but rank 0."""
 
     def __init__(self, folder: Path | None, tensorboard: bool = True, purge_step: int | None = None,
-                 rows: int = 0):
-        self.folder, self.tb, self.t0 = folder, None, time.time()
+                 rows: int = 0, elapsed: float = 0.0):
+        # `time` counts the run's seconds over all its sittings: a resumed run goes on from `elapsed`
+        self.folder, self.tb, self.t0 = folder, None, time.time() - elapsed
         self.rows = rows  # events in metrics.jsonl (those kept from before, for a resumed run)
         if folder is None:
             return
@@ -33,13 +34,16 @@ class Tracker:
     def log(self, step: int, metrics: dict[str, float], **fields: Any) -> None:
         if self.folder is None:
             return
-        row = {"step": step, **fields, "time": round(time.time() - self.t0, 3), **metrics}
+        row = {"step": step, **fields, "time": round(self.elapsed(), 3), **metrics}
         self.file.write(json.dumps(row) + "\n")  # one write per line: a kill tears at most the last line
         self.file.flush()
         self.rows += 1
         if self.tb is not None:
             for k, v in metrics.items():
                 self.tb.add_scalar(k, v, step)
+
+    def elapsed(self) -> float:
+        return time.time() - self.t0
 
     def close(self) -> None:
         if self.folder is not None:

@@ -166,7 +166,7 @@ class Trainer:
         self.ema = EMA(self.model, t.ema) if t.ema else None
         self.state: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "best": None, "best_step": None,
                                       "bad_evals": 0, "stopped": False, "validated": -1, "train_time": 0.0,
-                                      "samples": 0, "rows": 0}  # rows: metrics.jsonl events when last saved
+                                      "wall_time": 0.0, "samples": 0, "rows": 0}  # rows: metrics.jsonl events when last saved
         self.first_bad = torch.tensor(NEVER, device=env.device)  # first step with a non-finite loss
         self.last_val: dict[str, float] = {}  # latest evaluation, shown at epoch ends
         self.evals: dict[tuple[str, bool], tuple[dict, dict]] = {}  # (split, final) -> (metrics, stats) at evals_step
@@ -207,7 +207,7 @@ class Trainer:
         rng = dist.gather_objects(rng, self.env)
         if not self.env.main:
             return
-        self.state["rows"] = self.tracker.rows
+        self.state["rows"], self.state["wall_time"] = self.tracker.rows, self.tracker.elapsed()
         resume_state = {"optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
                         "rng": rng, "state": dict(self.state)}
         if self.ema:
@@ -261,7 +261,8 @@ class Trainer:
         if resume_dir is None:
             torch.manual_seed(t.seed * 7919 + env.rank)  # each process its own dropout stream
         self.tracker = tracker = Tracker(self.folder if env.main else None, t.tensorboard,
-                                         purge_step=state["step"] + 1, rows=state["rows"])
+                                         purge_step=state["step"] + 1, rows=state["rows"],
+                                         elapsed=state["wall_time"])
         net = self.model
         if env.world > 1:
             net = torch.nn.parallel.DistributedDataParallel(
@@ -274,7 +275,6 @@ class Trainer:
         self.progress.write(f"run {self.folder}: {self.cfg.model.name} on {self.cfg.data.name}, "
                             f"{sum(p.numel() for p in self.model.parameters()):,} parameters, "
                             f"{env.device.type} x{env.world}, {self.precision}")
-        t_start = time.time()
         logged: dict[str, float] = {}
         sums: dict[str, torch.Tensor] = {}
         since, t_log = 0, time.perf_counter()
@@ -340,7 +340,7 @@ class Trainer:
             if state["stopped"]:
                 self.progress.write(f"early stopping: no improvement of {t.monitor} in {t.early_stopping} evaluations")
                 break
-        return self.finish(tracker, time.time() - t_start)
+        return self.finish(tracker)
 
     def tick(self) -> None:
         """Add the time since the last mark to the training time (evaluations and checkpoints excluded)."""
@@ -428,7 +428,7 @@ class Trainer:
                                                 self.precision, final)
         return self.evals[split, final]
 
-    def finish(self, tracker: Tracker, wall: float) -> Path:
+    def finish(self, tracker: Tracker) -> Path:
         """Evaluate the best weights on the final splits; write summary.json and the report."""
         t, env, state = self.t, self.env, self.state
         self.sync_buffers()
@@ -454,7 +454,7 @@ class Trainer:
             summary = {
                 "name": self.cfg.name, "status": "completed", "steps": state["step"], "epochs": state["epoch"],
                 "final": final, "best": {"step": state["best_step"], t.monitor: state["best"]} if t.monitor else None,
-                "wall_time_s": round(wall, 3), "train_time_s": round(state["train_time"], 3),
+                "wall_time_s": round(tracker.elapsed(), 3), "train_time_s": round(state["train_time"], 3),
                 "samples_per_s": round(state["samples"] / max(state["train_time"], 1e-9), 1),
                 "params": sum(p.numel() for p in self.model.parameters()), "device": str(env.device),
                 "world_size": env.world, "precision": self.precision, "seed": t.seed,
