@@ -164,9 +164,10 @@ class Trainer:
             self.opt = build_optimizer(self.model, t)
         self.scaler = torch.amp.GradScaler(enabled=self.precision == "fp16" and env.device.type == "cuda")
         self.ema = EMA(self.model, t.ema) if t.ema else None
+        # rows: metrics.jsonl events when last saved; wall_time: the run's seconds then, over all sittings
         self.state: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "best": None, "best_step": None,
                                       "bad_evals": 0, "stopped": False, "validated": -1, "train_time": 0.0,
-                                      "wall_time": 0.0, "samples": 0, "rows": 0}  # rows: metrics.jsonl events when last saved
+                                      "wall_time": 0.0, "samples": 0, "rows": 0}
         self.first_bad = torch.tensor(NEVER, device=env.device)  # first step with a non-finite loss
         self.last_val: dict[str, float] = {}  # latest evaluation, shown at epoch ends
         self.evals: dict[tuple[str, bool], tuple[dict, dict]] = {}  # (split, final) -> (metrics, stats) at evals_step
