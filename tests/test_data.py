@@ -17,11 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import need_data
 
 from nnlab.data import datasets, files, vision
 from nnlab.errors import UserError
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 @pytest.fixture(autouse=True)
@@ -327,15 +326,9 @@ def test_safe_extract_and_atomic_save(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ real data
-def real_root(dataset: str, name: str) -> Path:
-    for root in (os.environ.get("NNLAB_DATA"), SHARED):
-        if root and (Path(root) / dataset / name).exists():
-            return Path(root)
-    pytest.skip(f"real {dataset} data not found: set NNLAB_DATA to a folder holding {dataset}/{name}")
-
-
+# (`need_data` reads $NNLAB_DATA as the session starts: the `isolated` fixture clears it for each test)
 def test_real_mnist() -> None:
-    root = real_root("mnist", "train-images-idx3-ubyte.gz")
+    root = need_data("mnist", "train-images-idx3-ubyte.gz")
     d = load("mnist", data_dir=str(root), download=False)
     assert [len(x) for x, _ in d.splits.values()] == [55000, 5000, 10000]
     assert abs(d.spec.mean[0] - 0.1307) < 1e-3 and abs(d.spec.std[0] - 0.3081) < 1e-3
@@ -343,7 +336,7 @@ def test_real_mnist() -> None:
 
 
 def test_real_cifar10() -> None:
-    root = real_root("cifar10", vision.CIFAR10_ARCHIVE)
+    root = need_data("cifar10", vision.CIFAR10_ARCHIVE)
     d = load("cifar10", data_dir=str(root), download=False, val_size=0)
     assert d.spec.classes[:3] == ["airplane", "automobile", "bird"]
     (x, y), (xt, yt) = d.splits["train"], d.splits["test"]
