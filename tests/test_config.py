@@ -22,13 +22,17 @@ def test_shipped_recipes() -> None:
 
 
 def test_overrides_and_sections() -> None:
-    cfg = load_config("mnist-cnn", ["train.epochs=3", "train.lr=2e-3", "model.channels=[16,32]"])
-    assert (cfg.train.epochs, cfg.train.lr, cfg.model.channels) == (3, 2e-3, [16, 32])
+    cfg = load_config("mnist-cnn", ["train.epochs=3", "optim.lr=2e-3", "model.channels=[16,32]"])
+    assert (cfg.train.epochs, cfg.optim.lr, cfg.model.channels) == (3, 2e-3, [16, 32])
     cfg = load_config("mnist-cnn", train={"epochs": 4}, data={"val_size": 0})
     assert (cfg.train.epochs, cfg.data.val_size, cfg.model.hidden) == (4, 0, 256)
     # switching the model family swaps the section's schema, with that family's defaults
     cfg = load_config("mnist-cnn", ["model.name=mlp"])
     assert cfg.model.hidden == [512, 256]
+    # an optimizer with its own section: Muon's fields live with Muon
+    cfg = load_config("mnist-cnn", ["optim.name=muon", "optim.muon_lr=0.05"])
+    assert (cfg.optim.name, cfg.optim.muon_lr, cfg.optim.lr) == ("muon", 0.05, 0.1)
+    assert load_config("mnist-cnn").optim.name == "adamw" and load_config("mnist-cnn").loop == "supervised"
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -36,8 +40,11 @@ def test_overrides_and_sections() -> None:
     (["model.chanels=[8]"], "did you mean 'channels'?"),
     (["trian.epochs=3"], "unknown config key 'trian' (did you mean 'train'?)"),
     (["train.epochs=three"], "bad value for config key 'train.epochs'"),
-    (["train.lr=-1"], "bad value for config key 'train.lr': must be a positive number"),
-    (["train.optimizer=adam"], "train.optimizer"),
+    (["optim.lr=-1"], "bad value for config key 'optim.lr': must be a positive number"),
+    (["optim.name=adam"], "unknown optimizer 'adam' (did you mean 'adamw'?)"),
+    (["train.lr=0.1"], "unknown config key 'train.lr' (it is optim.lr)"),
+    (["init.form=x"], "unknown config key 'init.form' (did you mean 'from'?)"),
+    (["loop=supervisd"], "unknown loop 'supervisd' (did you mean 'supervised'?)"),
     (["train.batch_size=0"], "train.batch_size"),
     (["model.name=resnt18"], "unknown model 'resnt18' (did you mean 'resnet18'?)"),
     (["data.name=mnsit"], "unknown dataset 'mnsit' (did you mean 'mnist'?)"),

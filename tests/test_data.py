@@ -31,6 +31,11 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path / "xdg" / "nnlab"
 
 
+def xy(data) -> dict:
+    """{split: (images, labels)} of an image dataset (its tensors held in memory)."""
+    return {k: (v["x"], v["y"]) for k, v in data.tensors.items()}
+
+
 def load(name: str, **kw: object) -> object:
     entry = datasets[name]
     return entry.factory(entry.config(**kw))
@@ -69,23 +74,22 @@ def test_data_roots_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isola
 def test_digits_splits_deterministic() -> None:
     a, b = load("digits"), load("digits")
     assert a.spec.classes == [str(i) for i in range(10)] and a.spec.input_shape == (1, 8, 8)
-    assert {k: len(v[0]) for k, v in a.splits.items()} == {"train": 1258, "val": 180, "test": 359}
-    for k, (x, y) in a.splits.items():
+    assert {k: len(v[0]) for k, v in xy(a).items()} == {"train": 1258, "val": 180, "test": 359}
+    for k, (x, y) in xy(a).items():
         assert x.dtype == torch.uint8 and x.is_contiguous() and y.dtype == torch.int64
-        assert torch.equal(x, b.splits[k][0]) and torch.equal(y, b.splits[k][1])
-    x, y = a.splits["test"]
+        assert torch.equal(x, xy(b)[k][0]) and torch.equal(y, xy(b)[k][1])
+    x, y = xy(a)["test"]
     assert int(x.max()) == 255 and torch.bincount(y).min() >= 35  # stratified: ~36 per class
     assert 0.2 < a.spec.mean[0] < 0.4
     c = load("digits", val_size=0, subset=100)
-    assert list(c.splits) == ["train", "test"] and len(c.splits["train"][0]) == 100
+    assert list(xy(c)) == ["train", "test"] and len(xy(c)["train"][0]) == 100
 
 
 def test_synthetic_learnable_and_deterministic() -> None:
     d = load("synthetic", channels=3, image_size=6, num_classes=3)
     assert d.spec.input_shape == (3, 6, 6) and d.spec.num_classes == 3 and len(d.spec.mean) == 3
-    assert torch.equal(d.splits["train"][0], load("synthetic", channels=3, image_size=6,
-                                                  num_classes=3).splits["train"][0])
-    (x, y), (xt, yt) = d.splits["train"], d.splits["test"]
+    assert torch.equal(xy(d)["train"][0], xy(load("synthetic", channels=3, image_size=6, num_classes=3))["train"][0])
+    (x, y), (xt, yt) = xy(d)["train"], xy(d)["test"]
     centroids = torch.stack([x[y == k].float().mean(0) for k in range(3)])  # nearest class mean
     pred = torch.cdist(xt.float().flatten(1), centroids.flatten(1)).argmin(1)
     assert (pred == yt).float().mean() > 0.9
@@ -139,19 +143,19 @@ def test_mnist_fake_decode_cache_and_rebuild(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setattr(vision, "MNIST_MD5", {k: md5(v) for k, v in blobs.items()})
     d = load("mnist", data_dir=str(tmp_path / "data"), val_size=2)
     assert d.spec.input_shape == (1, 28, 28) and d.spec.classes[9] == "9"
-    assert [len(x) for x, _ in d.splits.values()] == [10, 2, 5]
-    x, y = d.splits["test"]
+    assert [len(x) for x, _ in xy(d).values()] == [10, 2, 5]
+    x, y = xy(d)["test"]
     assert y.tolist() == [0, 1, 2, 3, 4] and x.shape == (5, 1, 28, 28)
     [cache] = decoded_files(isolated)
     read_idx = vision.read_idx
     monkeypatch.setattr(vision, "read_idx", None)  # a second load must not parse the files again
     again = load("mnist", data_dir=str(tmp_path / "data"), val_size=2)
-    assert torch.equal(again.splits["train"][0], d.splits["train"][0])
+    assert torch.equal(xy(again)["train"][0], xy(d)["train"][0])
     monkeypatch.setattr(vision, "read_idx", read_idx)
     cache.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")  # corrupt cache: deleted and rebuilt
     with pytest.warns(UserWarning, match="rebuilding"):
         rebuilt = load("mnist", data_dir=str(tmp_path / "data"), val_size=2)
-    assert torch.equal(rebuilt.splits["val"][0], d.splits["val"][0])
+    assert torch.equal(xy(rebuilt)["val"][0], xy(d)["val"][0])
     assert files.load_decoded(cache) is not None
 
 
@@ -197,7 +201,7 @@ def test_download_file_url_and_checksum(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr(vision, "MNIST_MD5", {k: md5(v) for k, v in blobs.items()})
     d = load("mnist", val_size=0)
     assert sorted(p.name for p in (isolated / "mnist").iterdir()) == sorted(blobs)
-    assert len(d.splits["train"][0]) == 12
+    assert len(xy(d)["train"][0]) == 12
 
 
 # -------------------------------------------------------------------------------------------- cifar10
@@ -233,8 +237,8 @@ def test_cifar10_fake_archive_and_folder(tmp_path: Path, monkeypatch: pytest.Mon
     write_tar(tmp_path / "a" / "cifar10" / vision.CIFAR10_ARCHIVE, blobs)
     d = load("cifar10", data_dir=str(tmp_path / "a"), val_size=3)
     assert d.spec.classes == ["cat", "dog", "emu"] and d.spec.input_shape == (3, 32, 32)
-    assert [len(x) for x, _ in d.splits.values()] == [17, 3, 4]
-    xt, yt = d.splits["test"]
+    assert [len(x) for x, _ in xy(d).values()] == [17, 3, 4]
+    xt, yt = xy(d)["test"]
     assert yt.tolist() == [2, 0, 1, 2]  # test_batch is member 5: labels (5 + j) % 3
     assert torch.equal(xt[1, 2], torch.from_numpy(data[21, 2048:].reshape(32, 32)))  # blue plane, row-major
     folder = tmp_path / "b" / "cifar10" / vision.CIFAR10_FOLDER  # already extracted layout
@@ -244,7 +248,7 @@ def test_cifar10_fake_archive_and_folder(tmp_path: Path, monkeypatch: pytest.Mon
     for p in decoded_files(isolated):
         p.unlink()
     e = load("cifar10", data_dir=str(tmp_path / "b"), val_size=3)
-    assert all(torch.equal(e.splits[k][0], d.splits[k][0]) for k in d.splits)
+    assert all(torch.equal(xy(e)[k][0], xy(d)[k][0]) for k in xy(d))
     blobs["data_batch_2"] = blobs["data_batch_2"][:-1] + b"!"  # one changed byte
     write_tar(tmp_path / "c" / "cifar10" / vision.CIFAR10_ARCHIVE, blobs)
     for p in decoded_files(isolated):
@@ -330,18 +334,18 @@ def test_safe_extract_and_atomic_save(tmp_path: Path) -> None:
 def test_real_mnist() -> None:
     root = need_data("mnist", "train-images-idx3-ubyte.gz")
     d = load("mnist", data_dir=str(root), download=False)
-    assert [len(x) for x, _ in d.splits.values()] == [55000, 5000, 10000]
+    assert [len(x) for x, _ in xy(d).values()] == [55000, 5000, 10000]
     assert abs(d.spec.mean[0] - 0.1307) < 1e-3 and abs(d.spec.std[0] - 0.3081) < 1e-3
-    assert torch.bincount(d.splits["test"][1]).tolist()[:2] == [980, 1135]
+    assert torch.bincount(xy(d)["test"][1]).tolist()[:2] == [980, 1135]
 
 
 def test_real_cifar10() -> None:
     root = need_data("cifar10", vision.CIFAR10_ARCHIVE)
     d = load("cifar10", data_dir=str(root), download=False, val_size=0)
     assert d.spec.classes[:3] == ["airplane", "automobile", "bird"]
-    (x, y), (xt, yt) = d.splits["train"], d.splits["test"]
+    (x, y), (xt, yt) = xy(d)["train"], xy(d)["test"]
     assert x.shape == (50000, 3, 32, 32) and xt.shape == (10000, 3, 32, 32)
     assert torch.bincount(y).tolist() == [5000] * 10 and yt[:10].tolist() == [3, 8, 8, 0, 6, 6, 1, 6, 3, 1]
     assert abs(d.spec.mean[0] - 0.4914) < 1e-3 and abs(d.spec.std[2] - 0.2616) < 1e-3
     cached = load("cifar10", data_dir=str(root), download=False, val_size=0)  # from the decoded cache
-    assert torch.equal(cached.splits["test"][0], xt)
+    assert torch.equal(xy(cached)["test"][0], xt)

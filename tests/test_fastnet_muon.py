@@ -6,12 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nnlab.data import DataSpec
+from nnlab.data import Batch
+from nnlab.data.vision import ImageSpec
 from nnlab.models import build, models
 from nnlab.models.fastnet import FastNetConfig, PatchWhiten
 from nnlab.muon import Muon, orthogonalize
 
-SPEC = DataSpec(input_shape=(3, 32, 32), num_classes=10, classes=[str(i) for i in range(10)])
+SPEC = ImageSpec(input_shape=(3, 32, 32), num_classes=10, classes=[str(i) for i in range(10)])
 
 
 def correlated_images(n: int = 64, size: int = 16, seed: int = 0) -> torch.Tensor:
@@ -27,7 +28,7 @@ def test_fastnet_forward_backward_shapes() -> None:
     assert "fastnet" in models
     model = build("fastnet", FastNetConfig(), SPEC)
     x = torch.randn(2, 3, 32, 32)
-    model.init_from_data(x)
+    model.init_from_data(Batch(x=x))
     out = model(x)
     assert out.shape == (2, 10)
     out.sum().backward()
@@ -41,7 +42,7 @@ def test_fastnet_bf16_autocast_channels_last() -> None:
     model = build("fastnet", FastNetConfig(widths=[8, 16, 16]), SPEC).to(memory_format=torch.channels_last)
     x = torch.randn(4, 3, 32, 32).to(memory_format=torch.channels_last)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        model.init_from_data(x)
+        model.init_from_data(Batch(x=x))
         out = model(x)
     assert out.shape == (4, 10) and torch.isfinite(out).all()
     out.float().sum().backward()
@@ -116,9 +117,10 @@ def test_parameter_groups_follow_airbench() -> None:
     from nnlab.config import load_config
     from nnlab.optim import build_optimizer, set_lr
 
-    t = load_config("cifar10-fast").train
-    model = build("fastnet", FastNetConfig(), SPEC)
-    opt = build_optimizer(model, t)
+    cfg = load_config("cifar10-fast")
+    t = cfg.train
+    model = build("fastnet", cfg.model, SPEC)
+    opt = build_optimizer(model, cfg.optim)
     groups = opt.param_groups
     owner = {id(p): n for n, p in model.named_parameters()}
     names = [[owner[id(p)] for p in g["params"]] for g in groups]
@@ -128,7 +130,7 @@ def test_parameter_groups_follow_airbench() -> None:
     assert len(muon) == 1 and all(p.ndim == 4 for p in muon[0]["params"])
     for g in groups:
         if g not in muon:  # lr * weight_decay: the fraction removed per step, for every group the same
-            assert g["base_lr"] * g["weight_decay"] == pytest.approx(t.weight_decay)
+            assert g["base_lr"] * g["weight_decay"] == pytest.approx(cfg.optim.weight_decay)
     spe = 25
     set_lr(opt, 0, 200, spe, t)
     assert short["lr"] == short["base_lr"]

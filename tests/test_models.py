@@ -1,4 +1,5 @@
-"""Every registered model: a tiny forward/backward on random inputs of the right shape."""
+"""Every registered model: a tiny forward/backward on an example batch drawn from the spec its registry entry
+names (so a token model gets token ids, an image model images of its own size)."""
 
 from __future__ import annotations
 
@@ -6,24 +7,38 @@ import pytest
 import torch
 
 from nnlab.config import section_from_dict
-from nnlab.data import DataSpec
-from nnlab.models import build, models
+from nnlab.data.vision import ImageSpec
+from nnlab.models import InitFromData, build, models
 
 
 @pytest.mark.parametrize("name", models.names())
 def test_forward_backward(name: str) -> None:
     torch.manual_seed(0)
-    spec = DataSpec(input_shape=(3, 32, 32), num_classes=10, classes=[str(i) for i in range(10)])
+    spec = models[name].meta["example"]
     cfg = section_from_dict(models, {"name": name})
     model = build(name, cfg, spec)
-    x = torch.randn(4, 3, 32, 32)
-    if hasattr(model, "init_from_data"):
-        model.init_from_data(x)
-    out = model(x)
-    assert out.shape == (4, 10)
+    batch = spec.example(4)
+    if isinstance(model, InitFromData):
+        model.init_from_data(batch)
+    out = model(batch["x"])
+    assert out.shape == (4, spec.num_classes)
     out.square().mean().backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_variants_are_named_factories() -> None:
+    """Depth is the variant's name, not an option: resnet34 has more blocks than resnet18, same config."""
+    spec = models["resnet18"].meta["example"]
+    sizes = {n: sum(p.numel() for p in build(n, section_from_dict(models, {"name": n}), spec).parameters())
+             for n in ("resnet18", "resnet34")}
+    assert sizes["resnet34"] > 1.8 * sizes["resnet18"]
+    from nnlab.errors import UserError
+
+    with pytest.raises(UserError, match="unknown config key 'model.blocks'"):
+        from nnlab.config import load_config
+
+        load_config("cifar10-resnet", ["model.blocks=[3,4,6,3]"])
 
 
 def test_unknown_model() -> None:
@@ -35,9 +50,10 @@ def test_unknown_model() -> None:
 
 def test_classification_tta_views() -> None:
     """TTA averages the logits of the flipped (and shifted) views in the final evaluation only."""
+    from nnlab.data import Batch
     from nnlab.tasks.classification import Classification, ClassificationConfig
 
-    spec = DataSpec(input_shape=(1, 4, 4), num_classes=2, classes=["a", "b"])
+    spec = ImageSpec(input_shape=(1, 4, 4), num_classes=2, classes=["a", "b"])
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
     x, y = torch.randn(8, 1, 4, 4), torch.randint(0, 2, (8,))
     plain = Classification(ClassificationConfig(), spec)
@@ -48,6 +64,6 @@ def test_classification_tta_views() -> None:
         assert torch.allclose(flip.logits(net, x), expected, atol=1e-6)
         assert not torch.allclose(both.logits(net, x), expected, atol=1e-4)  # the shifted views count
         # during training (final=False) evaluation is plain, whatever the TTA setting
-        assert torch.equal(both.eval_stats(net, (x, y), final=False)["loss_sum"],
-                           plain.eval_stats(net, (x, y))["loss_sum"])
-        assert not torch.equal(flip.eval_stats(net, (x, y))["loss_sum"], plain.eval_stats(net, (x, y))["loss_sum"])
+        b = Batch(x=x, y=y)
+        assert torch.equal(both.eval_stats(net, b, final=False)["loss_sum"], plain.eval_stats(net, b)["loss_sum"])
+        assert not torch.equal(flip.eval_stats(net, b)["loss_sum"], plain.eval_stats(net, b)["loss_sum"])

@@ -16,8 +16,8 @@ from nnlab.cli import main
 from nnlab.errors import Diverged, UserError
 
 
-def tiny(tmp_path, **train) -> object:
-    return nnlab.train(TINY, out=tmp_path / "runs", quiet=True, progress=False, train=train)
+def tiny(tmp_path, optim=None, **train) -> nnlab.infer.Run:
+    return nnlab.train(TINY, out=tmp_path / "runs", quiet=True, progress=False, train=train, optim=optim or {})
 
 
 def test_run_folder_contract(tmp_path) -> None:
@@ -34,9 +34,11 @@ def test_run_folder_contract(tmp_path) -> None:
             "val/loss", "val/acc", "test/acc", "test/macro_f1"} <= keys
     assert all("/" in k for k in keys - {"step", "epoch", "time", "train_time"})
     summary = json.loads((folder / R.SUMMARY).read_text())
-    for key in ("final", "best", "wall_time_s", "params", "nnlab_version", "torch_version", "device", "seed"):
+    for key in ("final", "best", "wall_time_s", "params", "nnlab_version", "torch_version", "device", "seed", "task"):
         assert key in summary
     assert summary["final"]["test/acc"] > 0.5  # the generated classes are learnable
+    assert summary["final"] == folder.final and summary["best"]["metric"] == "val/acc"  # the task's monitor
+    assert len(summary["task"]["confusion"]["test"]) == 4
     cfg = yaml.safe_load((folder / R.CONFIG).read_text())
     assert cfg["train"]["epochs"] == 2 and cfg["model"]["hidden"] == [32]  # fully resolved
 
@@ -45,7 +47,8 @@ def test_checkpoint_rebuilds_model_without_trainer(tmp_path) -> None:
     folder = tiny(tmp_path)
     loaded = nnlab.load_model(folder / R.CHECKPOINTS / "best")
     meta = json.loads((folder / R.CHECKPOINTS / "best" / R.MODEL_META).read_text())
-    assert meta["model"]["name"] == "mlp" and meta["spec"]["num_classes"] == 4
+    assert meta["config"]["model"]["name"] == "mlp" and meta["spec"]["num_classes"] == 4
+    assert meta["spec"]["kind"] == "image" and meta["version"] == R.FORMAT_VERSION
     run = nnlab.load_run(folder)
     res = run.evaluate("test")
     assert res["metrics"]["acc"] == pytest.approx(run.summary["final"]["test/acc"])
@@ -60,8 +63,8 @@ def test_same_seed_same_result(tmp_path) -> None:
 
 def test_features_smoke(tmp_path) -> None:
     """Accumulation, clipping, EMA, onecycle, SGD, early stopping and step-wise evaluation together."""
-    folder = tiny(tmp_path, epochs=6, accumulate=2, grad_clip=1.0, ema=0.9, schedule="onecycle", warmup=0.2,
-                  optimizer="sgd", lr=0.05, early_stopping=1, eval_every_steps=7, monitor="val/loss")
+    folder = tiny(tmp_path, {"name": "sgd", "lr": 0.05}, epochs=6, accumulate=2, grad_clip=1.0, ema=0.9,
+                  schedule="onecycle", warmup=0.2, early_stopping=1, eval_every_steps=7, monitor="val/loss")
     summary = json.loads((folder / R.SUMMARY).read_text())
     assert summary["steps"] > 0 and math.isfinite(summary["final"]["test/loss"])
     times = [r["train_time"] for r in R.read_metrics(folder) if "val/loss" in r]  # mid-epoch ones too
@@ -73,7 +76,7 @@ def test_resume_of_a_finished_run_keeps_stop_best_and_log(tmp_path) -> None:
     two renames of its swap is put back; the final evaluation is logged once, not again on resume."""
     import os
 
-    folder = tiny(tmp_path, epochs=6, lr=1e-12, early_stopping=1)  # no progress: stops after 2 evaluations
+    folder = tiny(tmp_path, {"lr": 1e-12}, epochs=6, early_stopping=1)  # no progress: stops after 2 evaluations
     steps = json.loads((folder / R.SUMMARY).read_text())["steps"]
     assert steps == 2 * (512 - 64) // 32
     before = [{k: v for k, v in r.items() if k != "time"} for r in R.read_metrics(folder)]
@@ -101,7 +104,7 @@ def test_cli_eval_predict_runs_report(tmp_path, tiny_recipe, capsys) -> None:
     lines = captured.out.strip().splitlines()
     assert len(lines) == 3 and lines[0].startswith(str(img)) and float(lines[0].split("\t")[2]) > 0
     assert "not a readable image" in lines[1] and "no such file" in lines[2]
-    assert "2 of 3 files" in captured.err
+    assert "2 of 3 inputs" in captured.err
     assert main(["predict", folder, str(img), "--top", "0"]) == 2
     assert "--top must be at least 1" in capsys.readouterr().err
     assert main(["runs", str(tmp_path / "runs")]) == 0
@@ -112,12 +115,12 @@ def test_cli_eval_predict_runs_report(tmp_path, tiny_recipe, capsys) -> None:
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, tiny_recipe, capsys) -> None:
     out = str(tmp_path / "runs")
-    assert main(["train", str(tiny_recipe), "--out", out, "-q", "train.optimizer=sgd", "train.lr=0.01",
+    assert main(["train", str(tiny_recipe), "--out", out, "-q", "optim.name=sgd", "optim.lr=0.01",
                  "train.epochs=1", "train.schedule=constant"]) == 0
     folder = capsys.readouterr().out.strip().splitlines()[-1]
     last = R.checkpoint_dir(folder, "last")
     before = (last / R.WEIGHTS).read_bytes()
-    code = main(["train", "--resume", folder, "train.epochs=3", "train.lr=1e30", "-q"])
+    code = main(["train", "--resume", folder, "train.epochs=3", "optim.lr=1e30", "-q"])
     err = capsys.readouterr().err
     assert code == 2 and "loss is" in err and "at step" in err and "is intact" in err
     assert (last / R.WEIGHTS).read_bytes() == before
@@ -151,7 +154,7 @@ def test_corrupt_or_foreign_checkpoint(tmp_path, damage, message) -> None:
         (best / R.MODEL_META).write_bytes(b"\x00\xff garbage")
     else:
         meta = json.loads((best / R.MODEL_META).read_text())
-        meta["model"]["hidden"] = [64]
+        meta["config"]["model"]["hidden"] = [64]
         (best / R.MODEL_META).write_text(json.dumps(meta))
     with pytest.raises(UserError, match=message):
         nnlab.load_model(folder)
@@ -202,7 +205,7 @@ def test_compile_failure_falls_back_to_eager(tmp_path, monkeypatch, capsys) -> N
 
 def test_task_can_take_over_the_update(tmp_path) -> None:
     """A task with its own optimizers and `update` (as a GAN's alternating players): the loop schedules, logs,
-    checkpoints both optimizers, and a resumed run ends where an uninterrupted one does."""
+    checkpoints both optimizers, and a resumed run ends where an uninterrupted one does; accumulation is refused."""
     from dataclasses import dataclass
 
     from nnlab.optim import Optimizers
@@ -214,30 +217,45 @@ def test_task_can_take_over_the_update(tmp_path) -> None:
         name: str = "turns"
 
     class Turns(Classification):
-        def optimizer(self, model, cfg):  # player one: the first layer; player two: the rest
+        def optimizers(self, model):  # player one: the first layer; player two: the rest
             params = list(model.parameters())
-            return Optimizers([torch.optim.SGD(params[:2], lr=cfg.lr, momentum=0.9),
-                               torch.optim.SGD(params[2:], lr=cfg.lr, momentum=0.9)])
+            return Optimizers([torch.optim.SGD(params[:2], lr=0.1, momentum=0.9),
+                               torch.optim.SGD(params[2:], lr=0.1, momentum=0.9)])
 
-        def update(self, model, batch, opts):
+        def update(self, model, batch, opt, stepper):
             out = {}
-            for i, opt in enumerate(opts.opts):  # each player's step on the loss as the other left it
+            for i in range(len(opt.opts)):  # each player's step on the loss as the other left it
                 loss = self.step(model, batch)["loss"]
-                loss.backward()
-                opt.step()
-                opts.zero_grad()
+                stepper.backward(loss)
+                stepper.step(i)
                 out[f"loss{i}"] = loss
             return {"loss": out["loss1"], **out}
 
     if "turns" not in tasks:
         tasks.register("turns", config=TurnsConfig)(lambda cfg, spec: Turns(cfg, spec))
-    sections = {"task": {"name": "turns"}, "train": {"lr": 0.1, "schedule": "constant"}}
+    sections = {"task": {"name": "turns"}, "train": {"schedule": "constant", "grad_clip": 5.0}}
     whole = nnlab.train(TINY, out=tmp_path / "a", quiet=True, progress=False, **sections)  # 2 epochs
-    final = json.loads((whole / R.SUMMARY).read_text())["final"]
+    final = whole.final
     assert final["test/acc"] > 0.5
     assert {"train/loss0", "train/loss1"} <= set().union(*R.read_metrics(whole))
     state = R.load_train_state(whole / R.CHECKPOINTS / "last")
     assert len(state["optimizer"]) == 2 and all(s["state"] for s in state["optimizer"])  # momentum of both
     half = nnlab.train(TINY, ["train.epochs=1"], out=tmp_path / "b", quiet=True, progress=False, **sections)
-    nnlab.resume(half, ("train.epochs=2",), quiet=True, progress=False)
-    assert json.loads((half / R.SUMMARY).read_text())["final"] == final
+    assert nnlab.resume(half, ("train.epochs=2",), quiet=True, progress=False).final == final
+    with pytest.raises(UserError, match="accumulation does not apply"):
+        nnlab.train(TINY, ["train.accumulate=2"], out=tmp_path / "c", quiet=True, progress=False, **sections)
+
+
+def test_foundation_run_is_refused_with_both_versions(tmp_path) -> None:
+    """A run folder of format version 1 (no loop; optimizer fields in train) is refused with one message."""
+    folder = tiny(tmp_path)
+    cfg = yaml.safe_load((folder / R.CONFIG).read_text())
+    del cfg["loop"]
+    (folder / R.CONFIG).write_text(yaml.safe_dump(cfg))
+    meta = json.loads((folder / R.CHECKPOINTS / "best" / R.MODEL_META).read_text())
+    (folder / R.CHECKPOINTS / "best" / R.MODEL_META).write_text(json.dumps({**meta, "version": 1}))
+    for args in (["eval", str(folder)], ["train", "--resume", str(folder)], ["report", str(folder)]):
+        with pytest.raises(UserError, match="version 1; this nnlab reads version 2"):
+            main(["--debug", *args])
+    with pytest.raises(UserError, match="format version 1; this nnlab reads version 2"):
+        nnlab.load_model(folder / R.CHECKPOINTS / "best")

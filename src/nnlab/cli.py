@@ -26,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("train", help="train a recipe; prints the run folder last",
                        description="Train a recipe. Override any config field with key=value, e.g. "
-                       "`nnlab train mnist-cnn train.epochs=3 train.lr=2e-3`.")
+                       "`nnlab train mnist-cnn train.epochs=3 optim.lr=2e-3`.")
     s.add_argument("recipe", nargs="?", default=None, help="recipe name or YAML path (default: digits-cnn)")
     s.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=3")
     s.add_argument("--out", default="runs", help="folder for run folders (default: ./runs)")
@@ -35,19 +35,23 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar: one line per epoch (logs, CI)")
     s.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
-    s = sub.add_parser("eval", help="evaluate a run's checkpoint on a split")
+    s = sub.add_parser("eval", help="evaluate a run's checkpoint on a split",
+                       description="Evaluate a run's checkpoint. key=value overrides change the run's config for "
+                       "this evaluation, e.g. `task.tta=flip_translate` or `train.eval_batch_size=500`.")
     s.add_argument("run", help="run folder")
+    s.add_argument("overrides", nargs="*", help="dotted key=value overrides of the run's config")
     s.add_argument("--split", default="test", help="split to evaluate (default: test)")
     s.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint (default: best)")
-    s.add_argument("--tta", choices=["none", "flip", "flip_translate"], help="test-time augmentation")
     s.add_argument("--data-dir", help="folder holding the dataset folders")
     s.add_argument("--json", action="store_true", help="print JSON")
 
-    s = sub.add_parser("predict", help="predict the class of image files")
-    s.add_argument("run", help="run folder or checkpoint folder")
-    s.add_argument("files", nargs="+", help="image files (PNG, JPEG, ...)")
+    s = sub.add_parser("predict", help="run a trained model on raw inputs (image files, text lines)")
+    s.add_argument("run", help="run folder")
+    s.add_argument("inputs", nargs="*", help="input files: images, or for text models files of one text per line "
+                   "('-': standard input)")
+    s.add_argument("--text", action="append", default=[], help="a text to predict (text models; repeatable)")
     s.add_argument("--checkpoint", default="best", choices=["best", "last"])
-    s.add_argument("--top", type=int, default=1, help="show the top K classes")
+    s.add_argument("--top", type=int, default=1, help="show the top K outputs")
     s.add_argument("--json", action="store_true", help="print JSON lines")
 
     s = sub.add_parser("runs", help="compare runs in a table")
@@ -56,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("report", help="(re)render a run's plots and report.md")
     s.add_argument("run", help="run folder")
+    s.add_argument("overrides", nargs="*", help="dotted key=value overrides of the run's config")
     s.add_argument("--data-dir", help="folder holding the dataset folders (for the predictions grid)")
     return p
 
@@ -63,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
-    if args.command == "train":  # overrides may follow options: `nnlab train mnist-cnn -q train.epochs=3`
+    if args.command in ("train", "eval", "report"):  # overrides may follow options: `nnlab train x -q train.epochs=3`
         args.overrides += [e for e in extra if "=" in e and not e.startswith("-")]
         extra = [e for e in extra if "=" not in e or e.startswith("-")]
     if extra:
@@ -115,7 +120,7 @@ def cmd_recipes(args) -> int:
     for n in names:
         text = recipe_text(n)
         doc = yaml.safe_load(text) or {}
-        m, d = doc.get("model", {}).get("name", "?"), doc.get("data", {}).get("name", "?")
+        m, d = (doc.get("model") or {}).get("name", "?"), (doc.get("data") or {}).get("name", "?")
         first = text.splitlines()[0].lstrip("# ") if text.startswith("#") else ""
         print(f"{n:16s} {m:10s} {d:10s} {first}")
     return 0
@@ -132,54 +137,57 @@ def cmd_train(args) -> int:
     if args.resume:
         if recipe:
             raise UserError("--resume takes the run folder; do not also name a recipe")
-        from .trainer import resume
+        from .session import resume
 
-        folder = resume(args.resume, tuple(args.data_override + overrides), quiet=args.quiet)
+        run = resume(args.resume, tuple(args.data_override + overrides), quiet=args.quiet)
     else:
         cfg = load_config(recipe or "digits-cnn", tuple(args.data_override + overrides))
         if args.print_config:
             print(cfg.to_yaml(), end="")
             return 0
-        from .trainer import fit
+        from .session import fit
 
-        folder = fit(cfg, out=args.out, quiet=args.quiet)
+        run = fit(cfg, out=args.out, quiet=args.quiet)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(folder)
+        print(run.path)
     return 0
 
 
 def cmd_eval(args) -> int:
-    from .infer import evaluate_run
+    from .infer import load_run
 
-    res = evaluate_run(args.run, args.split, args.checkpoint, data_dir=args.data_dir, tta=args.tta)
+    res = load_run(args.run).evaluate(args.split, args.checkpoint, tuple(args.data_override + args.overrides))
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
     print(f"{res['run']}  split={res['split']}  checkpoint={res['checkpoint']}")
     for k, v in res["metrics"].items():
         print(f"  {args.split}/{k:16s} {v:.4f}")
-    if "report" in res:
-        print("\n" + res["report"])
+    if res.get("details"):
+        print("\n" + res["details"])
     return 0
 
 
 def cmd_predict(args) -> int:
-    from .infer import predict_files
+    from .infer import load_run
 
-    results = predict_files(args.run, args.files, args.checkpoint, top=args.top)
-    for r in results:
-        if args.json:
-            print(json.dumps(r))
-        elif "error" in r:
-            print(f"{r['file']}\terror: {r['error']}")
-        else:
-            extra = "  " + ", ".join(f"{c} {p:.3f}" for c, p in r["top"][1:]) if args.top > 1 else ""
-            print(f"{r['file']}\t{r['class']}\t{r['prob']:.4f}{extra}")
-    bad = sum("error" in r for r in results)
+    rows = load_run(args.run).predict(args.inputs, args.checkpoint, args.top, tuple(args.text))
+    for r in rows:
+        print(json.dumps(r) if args.json else "\t".join(_show(v) for v in r.values()))
+    bad = sum("error" in r for r in rows)
     if bad:
-        print(f"nnlab predict: error: {bad} of {len(results)} files could not be read", file=sys.stderr)
+        print(f"nnlab predict: error: {bad} of {len(rows)} inputs could not be read", file=sys.stderr)
         return 2
     return 0
+
+
+def _show(v) -> str:
+    """A predict field for the terminal: numbers to 4 places, a top-k list as 'a 0.912, b 0.051'."""
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    if isinstance(v, list):
+        return ", ".join(" ".join(_show(x) for x in item) if isinstance(item, list) else _show(item) for item in v)
+    return str(v)
 
 
 def cmd_runs(args) -> int:
@@ -194,18 +202,22 @@ def cmd_runs(args) -> int:
         cfg = R.read_config(path)
         s = R.read_json(path / R.SUMMARY) if (path / R.SUMMARY).exists() else {}
         final = s.get("final", {})
-        rows.append({"run": path.name, "model": cfg.get("model", {}).get("name"), "data": cfg.get("data", {}).get(
-            "name"), "status": s.get("status", "incomplete"), "epochs": s.get("epochs"),
-            "test/acc": final.get("test/acc"), "test/loss": final.get("test/loss"),
-            "best": (s.get("best") or {}), "time_s": s.get("wall_time_s"), "samples/s": s.get("samples_per_s")})
+        best = s.get("best") or {}
+        metric = best.get("metric") or next(iter(final), "")
+        test = f"test/{metric.split('/', 1)[-1]}" if metric else ""
+        rows.append({"run": path.name, "loop": cfg.get("loop"), "model": (cfg.get("model") or {}).get("name"),
+                     "data": (cfg.get("data") or {}).get("name"), "status": s.get("status", "incomplete"),
+                     "steps": s.get("steps"), "metric": metric or None, "best": best.get("value"),
+                     "test": final.get(test), "time_s": s.get("wall_time_s"), "samples/s": s.get("samples_per_s"),
+                     "final": final})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     if not rows:
         print(f"no runs in {root}")
         return 0
-    head = ["run", "model", "data", "status", "epochs", "test/acc", "test/loss", "time_s", "samples/s"]
-    table = [[_cell(r[h], 4 if "/" in h and h != "samples/s" else 1) for h in head] for r in rows]
+    head = ["run", "model", "data", "status", "steps", "metric", "best", "test", "time_s", "samples/s"]
+    table = [[_cell(r[h], 4 if h in ("best", "test") else 1) for h in head] for r in rows]
     widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(head)]
     print("  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)))
     for t in table:
@@ -220,24 +232,9 @@ def _cell(v, digits: int) -> str:
 
 
 def cmd_report(args) -> int:
-    from . import run as R
-    from .config import load_config
-    from .data import datasets, normalize
-    from .errors import UserError
-    from .infer import load_model
-    from .report import write_report
+    from .infer import load_run
 
-    path = R.check_run(args.run)
-    cfg = load_config(R.read_config(path), args.data_override)
-    model = task = data = None
-    try:
-        loaded = load_model(path)
-        model, task = loaded.model, loaded.task
-        data = datasets[cfg.data.name].factory(cfg.data)
-    except UserError as e:
-        print(f"nnlab report: note: no predictions grid ({e})", file=sys.stderr)
-    out = write_report(path, task, model, data, (lambda b: normalize(b, data.spec)) if data else None)
-    print(out)
+    print(load_run(args.run).report(tuple(args.data_override + args.overrides)))
     return 0
 
 

@@ -1,15 +1,16 @@
 """The typed config tree: YAML recipes + dotted overrides, validated against dataclasses.
 
-A config has five parts: `name` (the run's name), and the sections `data`, `model`, `task` and
-`train`. `data`, `model` and `task` each pick a registered entry by their `name` field, and that
-entry's own dataclass is the section's schema, so every option is declared next to the code it
-configures. OmegaConf does the loading, merging and type checking; this file turns its errors into
-one clear message with the closest valid key.
+A config has `name` (the run's name), `loop` (a registered loop; default `supervised`) and the sections that
+loop declares. A section is either chosen from a registry by its `name` field (`data`, `model`, `task`,
+`optim`), the chosen entry's own dataclass being the section's schema, so every option is declared next to
+the code it configures; or a fixed dataclass (`train`, `init`). OmegaConf does the loading, merging and
+type checking; this file turns its errors into one clear message with the closest valid key.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import keyword
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -20,25 +21,38 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from .errors import UserError, did_you_mean
+from .registry import Registry, loops
 
-SECTIONS = ("data", "model", "task", "train")
+DEFAULT_LOOP = "supervised"
 
 
 @dataclass
 class Config:
-    """A fully resolved run configuration; each section is its entry's dataclass instance."""
+    """A fully resolved run configuration; each section is its entry's dataclass instance (`cfg.train`)."""
 
     name: str
-    data: Any
-    model: Any
-    task: Any
-    train: Any
+    loop: str
+    sections: dict[str, Any]
+
+    def __getattr__(self, section: str) -> Any:
+        try:
+            return self.__dict__["sections"][section]
+        except KeyError:
+            raise AttributeError(f"the config has no section '{section}'") from None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, **{s: dataclasses.asdict(getattr(self, s)) for s in SECTIONS}}
+        return {"name": self.name, "loop": self.loop,
+                **{s: _keywords(dataclasses.asdict(v), out=True) for s, v in self.sections.items()}}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _keywords(d: dict, out: bool = False) -> dict:
+    """A config key that is a Python keyword (`init.from`) is its dataclass field with a trailing '_'."""
+    if out:
+        return {k[:-1] if k.endswith("_") and keyword.iskeyword(k[:-1]) else k: v for k, v in d.items()}
+    return {f"{k}_" if keyword.iskeyword(str(k)) else k: v for k, v in d.items()}
 
 
 def recipe_names() -> list[str]:
@@ -67,7 +81,7 @@ def _read_recipe(recipe: str | Path | dict) -> dict:
     except yaml.YAMLError as e:
         raise UserError(f"{where} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
-        raise UserError(f"{where} must be a YAML mapping of sections (data, model, task, train)")
+        raise UserError(f"{where} must be a YAML mapping of sections (data, model, task, train, ...)")
     return data
 
 
@@ -81,34 +95,33 @@ def _parse_overrides(overrides: list[str]) -> DictConfig:
         raise UserError(f"cannot parse overrides {overrides}: {e}") from None
 
 
-def _schema(user: DictConfig) -> DictConfig:
-    from .data import datasets
-    from .models import models
-    from .tasks import tasks
-    from .trainer import TrainConfig
-
-    sections: dict[str, Any] = {"name": "run", "train": OmegaConf.structured(TrainConfig)}
-    for section, registry in (("data", datasets), ("model", models), ("task", tasks)):
+def _schema(user: DictConfig, loop: Any) -> DictConfig:
+    sections: dict[str, Any] = {"name": "run", "loop": DEFAULT_LOOP}
+    for section, kind in loop.sections.items():
+        if not isinstance(kind, Registry):
+            sections[section] = OmegaConf.structured(kind)
+            continue
         node = user.get(section)
         name = node.get("name") if isinstance(node, DictConfig) else None
+        name = name if name is not None else loop.defaults.get(section)
         if name is None:
-            raise UserError(f"the config has no {section}.name; set one of: {', '.join(registry.names())}")
-        entry = registry[str(name)]
-        sections[section] = OmegaConf.structured(entry.config)
+            raise UserError(f"the config has no {section}.name; set one of: {', '.join(kind.names())}")
+        sections[section] = OmegaConf.merge(OmegaConf.structured(kind[str(name)].config), {"name": name})
     schema = OmegaConf.create(sections)
     OmegaConf.set_struct(schema, True)
     return schema
 
 
 def _explain(e: OmegaConfBaseException, schema: DictConfig) -> str:
-    key = str(getattr(e, "full_key", "") or "")
+    key = str(getattr(e, "full_key", "") or "").replace("_.", ".").rstrip("_")
     if isinstance(e, (ConfigKeyError, ConfigAttributeError)):
         parent, _, leaf = key.rpartition(".")
         node = OmegaConf.select(schema, parent) if parent else schema
-        valid = list(node.keys()) if isinstance(node, DictConfig) else []
+        valid = [str(k).rstrip("_") for k in node.keys()] if isinstance(node, DictConfig) else []
         where = f"in section '{parent}'" if parent else "at the top level"
-        return (f"unknown config key '{key}'{did_you_mean(leaf, valid)}; valid keys {where}: "
-                f"{', '.join(map(str, valid))}")
+        elsewhere = [f"{s}.{leaf}" for s, node in schema.items() if isinstance(node, DictConfig) and leaf in node]
+        hint = f" (it is {elsewhere[0]})" if elsewhere else did_you_mean(leaf, valid)
+        return f"unknown config key '{key}'{hint}; valid keys {where}: {', '.join(valid)}"
     msg = str(e).splitlines()[0]
     return f"bad value for config key '{key}': {msg}" if key else f"invalid config: {msg}"
 
@@ -119,31 +132,34 @@ def load_config(recipe: str | Path | dict = "digits-cnn", overrides: list[str] |
     (e.g. `train={"epochs": 3}`) into a validated `Config`."""
     user = OmegaConf.create(_read_recipe(recipe))
     for change in (OmegaConf.create(sections), _parse_overrides(list(overrides))):
-        for s in SECTIONS:  # a new family for a section: the recipe's options for the old one no longer apply
+        for s in change.keys():  # a new entry for a section: the recipe's options for the old one no longer apply
             new, old = OmegaConf.select(change, f"{s}.name"), OmegaConf.select(user, f"{s}.name")
             if new is not None and old is not None and new != old:
                 user[s] = {}
         user = OmegaConf.merge(user, change)
+    loop = loops[str(user.get("loop", DEFAULT_LOOP))].factory
+    valid = ["name", "loop", *loop.sections]
     for key in user.keys():
-        if key != "name" and key not in SECTIONS:
-            raise UserError(f"unknown config key '{key}'{did_you_mean(str(key), ['name', *SECTIONS])}; "
-                            f"valid top-level keys: name, {', '.join(SECTIONS)}")
-    schema = _schema(user)
+        if key not in valid:
+            raise UserError(f"unknown config key '{key}'{did_you_mean(str(key), valid)}; "
+                            f"valid top-level keys: {', '.join(valid)}")
+    user = OmegaConf.create({k: _keywords(v) if isinstance(v, dict) else v
+                             for k, v in OmegaConf.to_container(user).items()})
+    schema = _schema(user, loop)
     try:
-        merged = OmegaConf.merge(schema, user)
-        obj = OmegaConf.to_object(merged)  # builds the dataclasses: their __post_init__ checks ranges
+        obj = OmegaConf.to_object(OmegaConf.merge(schema, user))  # builds the dataclasses: __post_init__ checks
     except OmegaConfBaseException as e:
         raise UserError(_explain(e, schema)) from None
     except (TypeError, ValueError) as e:
         raise UserError(f"invalid config: {e}") from None
-    return Config(**obj)
+    return Config(obj.pop("name"), obj.pop("loop"), obj)
 
 
-def section_from_dict(registry: Any, d: dict[str, Any]) -> Any:
+def section_from_dict(registry: Registry, d: dict[str, Any]) -> Any:
     """Rebuild one section's dataclass from a saved dict (checkpoint or config.yaml), validating it."""
     entry = registry[str(d.get("name"))]
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(entry.config), d))
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(entry.config), _keywords(d)))
     except OmegaConfBaseException as e:
         raise UserError(f"saved {registry.kind} config does not match this nnlab version: {e}") from None
 

@@ -10,7 +10,6 @@ import torch
 from torch import Tensor, nn
 
 from . import dist
-from .data import Loader
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -35,17 +34,24 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, task: Any, loader: Loader, env: dist.Env, precision: str = "fp32",
-             final: bool = True) -> tuple[dict[str, float], dict[str, Tensor]]:
+def evaluate(model: nn.Module, task: Any, loader: Any, env: dist.Env, precision: str = "fp32",
+             final: bool = True) -> tuple[dict[str, float], dict[str, Any]]:
     """Metrics of `model` on every batch of `loader` (each process takes its shard); `final=False` for
-    the evaluations during training."""
+    the evaluations during training. The task's tensor statistics are summed over batches and processes
+    (exact), its list statistics (per-example outputs) concatenated and gathered from every process."""
     was_training = model.training
     model.eval()
-    stats: dict[str, Tensor] = {}
+    sums: dict[str, Tensor] = {}
+    lists: dict[str, list] = {}
     for batch in loader.epoch(0):
         with autocast(env.device, precision):
-            for k, v in task.eval_stats(model, batch, final=final).items():
-                stats[k] = stats[k] + v if k in stats else v.clone()
-    dist.all_reduce(stats, env)
+            for k, v in task.eval_stats(model, batch.to(env.device), final=final).items():
+                if isinstance(v, list):
+                    lists.setdefault(k, []).extend(v)
+                else:
+                    sums[k] = sums[k] + v if k in sums else v.clone()
+    dist.all_reduce(sums, env)
+    gathered = {k: [x for part in dist.gather_objects(v, env) for x in part] for k, v in lists.items()}
     model.train(was_training)
-    return task.metrics(stats), {k: v.cpu() for k, v in stats.items()}
+    stats = {k: v.cpu() for k, v in sums.items()} | gathered
+    return task.metrics(stats), stats

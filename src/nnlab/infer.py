@@ -1,7 +1,8 @@
-"""Using a trained run: rebuild its model from a checkpoint, evaluate it on a split, predict files.
+"""Using a trained run: rebuild its model and task from a checkpoint alone, start a model from another run's
+weights (`init.from`), and `Run`, a run folder read, whose verbs go to the run's loop.
 
-A checkpoint rebuilds its model from its own `model.json` (family name, config, data spec) and
-`model.safetensors`, with no trainer involved: `load_model("runs/mnist-cnn-.../checkpoints/best")`.
+    run = nnlab.load_run("runs/mnist-cnn-..."); run.final; run.evaluate("test"); run.predict(["digit.png"])
+    nnlab.load_model("runs/mnist-cnn-.../checkpoints/best").model
 """
 
 from __future__ import annotations
@@ -15,20 +16,23 @@ import torch
 
 from . import run as R
 from .errors import UserError
+from .registry import loops
 
 
 @dataclass
 class Loaded:
     model: torch.nn.Module
     task: Any
-    spec: Any
+    spec: Any  # with its assets (tokenizer, vocabulary, ...) read from the checkpoint's assets/
     meta: dict[str, Any]
 
 
-def load_model(path: str | Path, which: str = "best", device: str = "cpu") -> Loaded:
-    """Rebuild the model of a run folder (its `which` checkpoint) or of a checkpoint folder."""
+def load_model(path: str | Path, which: str = "best", device: str = "cpu", task: Any = None) -> Loaded:
+    """Rebuild the model, data spec (with assets) and task of a run folder's `which` checkpoint, or of a
+    checkpoint folder, from model.json, assets/ and model.safetensors. `task`: a task config to use instead
+    of the saved one (an evaluation with other options)."""
     from .config import section_from_dict
-    from .data import DataSpec
+    from .data import specs
     from .models import build, models
     from .tasks import build as build_task
     from .tasks import tasks
@@ -36,9 +40,11 @@ def load_model(path: str | Path, which: str = "best", device: str = "cpu") -> Lo
     folder = R.checkpoint_dir(path, which)
     meta = R.read_meta(folder)
     try:
-        spec = DataSpec(**{**meta["spec"], "input_shape": tuple(meta["spec"]["input_shape"])})
-        model_cfg = section_from_dict(models, meta["model"])
-        task = build_task(section_from_dict(tasks, meta["task"]), spec)
+        fields = dict(meta["spec"])
+        spec = specs[fields.get("kind", "?")].factory(**fields)
+        spec.assets = R.load_assets(folder)
+        model_cfg = section_from_dict(models, meta["config"]["model"])
+        task = build_task(task or section_from_dict(tasks, meta["config"]["task"]), spec)
     except (KeyError, TypeError) as e:
         raise UserError(f"{folder / R.MODEL_META} is incomplete or foreign ({e})") from None
     model = build(model_cfg.name, model_cfg, spec)
@@ -50,83 +56,29 @@ def load_model(path: str | Path, which: str = "best", device: str = "cpu") -> Lo
     return Loaded(model.to(device).eval(), task, spec, meta)
 
 
-def read_image(path: str | Path, spec: Any) -> torch.Tensor:
-    """An image file as uint8 (C, H, W) in the model's input size and channel count."""
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
-
-    c, h, w = spec.input_shape
-    try:
-        with Image.open(path) as im:
-            im = im.convert("L" if c == 1 else "RGB").resize((w, h), Image.Resampling.BILINEAR)
-            arr = np.asarray(im, dtype=np.uint8)
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise UserError(f"{path}: not a readable image ({e.__class__.__name__})") from None
-    t = torch.from_numpy(arr.copy())
-    return t[None] if c == 1 else t.permute(2, 0, 1).contiguous()
-
-
-def predict_files(path: str | Path, files: list[str | Path], which: str = "best", top: int = 1
-                  ) -> list[dict[str, Any]]:
-    """Class and probability for each image file. A file that cannot be read gets an `error` entry;
-    the others are still predicted."""
-    from .data import normalize
-
-    if top < 1:
-        raise UserError(f"--top must be at least 1 (got {top})")
-    loaded = load_model(path, which)
-    results: list[dict[str, Any]] = []
-    images, slots = [], []
-    for f in files:
-        try:
-            images.append(read_image(f, loaded.spec))
-            slots.append(len(results))
-            results.append({"file": str(f)})
-        except UserError as e:
-            results.append({"file": str(f), "error": str(e)})
-    if images:
-        x = normalize(torch.stack(images), loaded.spec)
-        probs = loaded.task.predict(loaded.model, x)
-        p, idx = probs.topk(min(top, probs.shape[1]), dim=1)
-        for slot, pi, ii in zip(slots, p.tolist(), idx.tolist(), strict=True):
-            results[slot] |= {"class": loaded.spec.classes[ii[0]], "prob": pi[0],
-                              "top": [(loaded.spec.classes[i], q) for i, q in zip(ii, pi, strict=True)]}
-    return results
-
-
-def evaluate_run(path: str | Path, split: str = "test", which: str = "best", data_dir: str | None = None,
-                 tta: str | None = None, device: str = "auto") -> dict[str, Any]:
-    """Metrics of a run's checkpoint on a split of its dataset (same preprocessing as in training)."""
-    from . import dist
-    from .config import load_config
-    from .data import Loader, datasets, normalize
-    from .evaluate import evaluate, resolve_precision
-
-    path = R.check_run(path)
-    overrides = [f"data.data_dir={data_dir}"] if data_dir else []
-    cfg = load_config(R.read_config(path), overrides)
-    env = dist.Env(dist.pick_device(device))
-    loaded = load_model(path, which, device=str(env.device))
-    if tta:
-        loaded.task.cfg.tta = tta
-    data = datasets[cfg.data.name].factory(cfg.data)
-    if split not in data.splits:
-        raise UserError(f"dataset '{cfg.data.name}' has no split '{split}'; it has: {', '.join(data.splits)}")
-    x, y = data.splits[split]
-    loader = Loader(x, y, cfg.train.eval_batch_size, device=env.device,
-                    transform=lambda b: normalize(b, data.spec))
-    metrics, stats = evaluate(loaded.model, loaded.task, loader, env,
-                              resolve_precision(cfg.train.precision, env.device))
-    out: dict[str, Any] = {"run": str(path), "split": split, "checkpoint": which, "metrics": metrics}
-    if hasattr(loaded.task, "report") and "confusion" in stats:
-        out["report"] = loaded.task.report(stats)
-    return out
+@torch.no_grad()
+def init_from(model: torch.nn.Module, source: str | Path, which: str = "best") -> dict[str, Any]:
+    """Copy into `model` every tensor of another run's checkpoint whose name and shape match. Returns the table:
+    `loaded`, `new` (kept as initialised: absent there, or another shape, as a head for other classes, with the
+    shapes), `skipped` (there but not in this model)."""
+    folder = R.checkpoint_dir(source, which)
+    R.read_meta(folder)
+    theirs = R.load_weights(folder)
+    mine = model.state_dict()
+    loaded = [k for k, v in mine.items() if k in theirs and theirs[k].shape == v.shape]
+    new = [k if k not in theirs else f"{k} {tuple(theirs[k].shape)}->{tuple(mine[k].shape)}"
+           for k in mine if k not in loaded]
+    if not loaded:
+        raise UserError(f"init.from={source}: no tensor of {folder} fits this model (mismatching: "
+                        f"{', '.join(new[:8])}); start from a run of the same model family")
+    for k in loaded:
+        mine[k].copy_(theirs[k])
+    return {"source": str(folder), "loaded": loaded, "new": new, "skipped": [k for k in theirs if k not in mine]}
 
 
 class Run:
-    """A run folder, read: `config`, `summary`, `metrics`, and its model on demand."""
+    """A run folder, read: `config`, `summary`, `final`, `metrics`; its loop answers `evaluate`, `predict`,
+    `report`."""
 
     def __init__(self, path: str | Path):
         self.path = R.check_run(path)
@@ -141,17 +93,38 @@ class Run:
         return R.read_json(f) if f.exists() else {}
 
     @property
+    def final(self) -> dict[str, float]:
+        return self.summary.get("final", {})
+
+    @property
     def metrics(self) -> list[dict[str, Any]]:
         return R.read_metrics(self.path)
+
+    @property
+    def loop(self) -> Any:
+        return loops[str(self.config["loop"])].factory
 
     def model(self, which: str = "best") -> torch.nn.Module:
         return load_model(self.path, which).model
 
-    def evaluate(self, split: str = "test", which: str = "best") -> dict[str, Any]:
-        return evaluate_run(self.path, split, which)
+    def evaluate(self, split: str = "test", which: str = "best", overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+        return self.loop.evaluate(self, split, which, tuple(overrides))
 
-    def predict(self, files: list[str | Path], which: str = "best") -> list[dict[str, Any]]:
-        return predict_files(self.path, files, which)
+    def predict(self, inputs: list[str], which: str = "best", top: int = 1, texts: tuple[str, ...] = ()
+                ) -> list[dict[str, Any]]:
+        return self.loop.predict(self, [str(i) for i in inputs], which, top, tuple(texts))
+
+    def report(self, overrides: tuple[str, ...] = ()) -> Path:
+        return self.loop.report(self, overrides=tuple(overrides))
+
+    def __truediv__(self, name: str) -> Path:  # run / "summary.json": a path in the folder
+        return self.path / name
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r})"

@@ -10,9 +10,33 @@ biases and norm parameters should go to a conventional optimizer (SGD, AdamW).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+
+@dataclass
+class MuonConfig:
+    """The `optim` section for Muon: Muon on the hidden >=2-D weights, Nesterov SGD on every other group."""
+
+    name: str = "muon"
+    lr: float = 0.1  # peak learning rate of the SGD groups (biases, norm parameters, first layer, head)
+    momentum: float = 0.9  # SGD momentum (Nesterov when `nesterov`)
+    nesterov: bool = True  # Nesterov momentum for the SGD groups
+    weight_decay: float = 0.0  # L2 weight decay of the SGD groups that decay; none on Muon's
+    decoupled: bool = False  # weight_decay is the fraction removed per step at peak, whatever the group's lr
+    muon_lr: float = 0.02  # learning rate of Muon's group
+    muon_momentum: float = 0.95  # Muon momentum (Nesterov)
+    ns_steps: int = 5  # Newton-Schulz iterations orthogonalising each update
+    normalize: bool = False  # rescale each Muon weight to Frobenius norm sqrt(rows) before its step (airbench)
+
+    def __post_init__(self) -> None:
+        from .errors import UserError
+
+        if not (self.lr > 0 and self.muon_lr > 0 and self.weight_decay >= 0 and self.ns_steps >= 1):
+            raise UserError("bad value in config section 'optim': muon needs lr > 0, muon_lr > 0, "
+                            "weight_decay >= 0 and ns_steps >= 1")
 
 # Quintic Newton–Schulz coefficients from the Muon write-up: chosen to maximise the slope at zero, so
 # small singular values grow fast; after 5 steps they land in roughly [0.7, 1.2], not exactly 1 (after 3,

@@ -1,56 +1,86 @@
-"""Optimizers, learning-rate schedules and the exponential moving average of weights."""
+"""Optimizers (a registry: each entry with its own config section `optim`), learning-rate schedules and the
+exponential moving average of weights.
+
+    optim: {name: adamw, lr: 1e-3, weight_decay: 0.05}
+    optim: {name: muon, lr: 0.1, muon_lr: 0.24}      # Muon on hidden matrices, Nesterov SGD on the rest
+
+Parameter groups come from the model's `param_groups()` when it has one (a recipe's own rules live with its
+model), else from one general rule (`param_groups`). A group may say `decay: False`, an absolute `lr`,
+`optimizer: "muon"`, or `epochs: n` (its learning rate decays linearly to zero over n epochs).
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
+from .config import check
+from .muon import Muon, MuonConfig
+from .registry import Registry
 
-def param_groups(model: nn.Module, cfg: Any) -> list[dict[str, Any]]:
-    """Split the trainable parameters by a general rule:
-    - `optimizer=muon`: Muon for the hidden >=2-D weights (every matrix/filter but the model's first
-      layer and its head, which stay with SGD, as in Jordan's Muon recipe);
-    - weight decay on >=2-D weights, and on biases and norm parameters too when `decay_biases` is set;
-    - the head (the last >=2-D weight) at learning rate `head_lr` when that is set;
-    - parameters named '*.whiten.bias' on a short schedule of their own when `freeze_bias_after` is set.
-    A model may instead define `param_groups()` itself."""
-    if hasattr(model, "param_groups"):
+optimizers = Registry("optimizer")
+
+
+@runtime_checkable
+class HasParamGroups(Protocol):
+    def param_groups(self) -> list[dict[str, Any]]: ...
+
+
+@dataclass
+class SGDConfig:
+    name: str = "sgd"
+    lr: float = 0.1  # peak learning rate
+    momentum: float = 0.9  # momentum
+    nesterov: bool = True  # Nesterov momentum
+    weight_decay: float = 0.0  # L2 weight decay on the groups that decay (>=2-D weights by default)
+    decoupled: bool = False  # weight_decay is the fraction of a weight removed per step at peak, for every group
+    #                          alike whatever its lr (Loshchilov & Hutter; airbench's SGD); default: times the lr
+
+    def __post_init__(self) -> None:
+        check(self.lr > 0 and math.isfinite(self.lr), "optim.lr", "must be a positive number")
+        check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+
+
+@dataclass
+class AdamWConfig:
+    name: str = "adamw"
+    lr: float = 1e-3  # peak learning rate
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # moment decay rates
+    weight_decay: float = 0.0  # decoupled weight decay on the groups that decay (>=2-D weights by default)
+
+    def __post_init__(self) -> None:
+        check(self.lr > 0 and math.isfinite(self.lr), "optim.lr", "must be a positive number")
+        check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        check(len(self.betas) == 2, "optim.betas", "must be two numbers, e.g. [0.9, 0.999]")
+
+
+def param_groups(model: nn.Module, muon: bool = False) -> list[dict[str, Any]]:
+    """The general rule: decay on >=2-D weights, none on biases and norm parameters; with `muon`, the hidden
+    >=2-D weights (every matrix/filter but the first layer's and the head's) go to Muon (Jordan's recipe)."""
+    if isinstance(model, HasParamGroups):
         return model.param_groups()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     matrices = [n for n, p in model.named_parameters() if p.ndim >= 2]
-    first, head = (matrices[0], matrices[-1]) if matrices else (None, None)
-    groups: dict[str, list] = {"muon": [], "decay": [], "no_decay": [], "head": [], "short": []}
-    for n, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if n == head and cfg.head_lr:
-            groups["head"].append(p)
-        elif cfg.optimizer == "muon" and p.ndim >= 2 and n not in (first, head):
-            groups["muon"].append(p)
-        elif cfg.freeze_bias_after and n.endswith("whiten.bias"):
-            groups["short"].append(p)
-        else:
-            groups["decay" if p.ndim >= 2 or cfg.decay_biases else "no_decay"].append(p)
-    bias_wd = cfg.weight_decay if cfg.decay_biases else 0.0
-    out = [{"params": groups["decay"], "weight_decay": cfg.weight_decay},
-           {"params": groups["no_decay"], "weight_decay": 0.0},
-           {"params": groups["head"], "weight_decay": cfg.weight_decay, "lr_scale": cfg.head_lr / cfg.lr},
-           {"params": groups["short"], "weight_decay": bias_wd, "epochs": cfg.freeze_bias_after},
-           {"params": groups["muon"], "optimizer": "muon"}]
-    return [g for g in out if g["params"]]
+    ends = (matrices[0], matrices[-1]) if matrices else ()
+    hidden = [p for n, p in named if muon and p.ndim >= 2 and n not in ends]
+    ids = {id(p) for p in hidden}
+    groups = [{"params": [p for _, p in named if p.ndim >= 2 and id(p) not in ids], "decay": True},
+              {"params": [p for _, p in named if p.ndim < 2], "decay": False},
+              {"params": hidden, "optimizer": "muon"}]
+    return [g for g in groups if g["params"]]
 
 
 class Optimizers:
-    """One or two torch optimizers stepped together (Muon for matrices beside SGD/AdamW for the rest)."""
+    """One or more torch optimizers stepped together (Muon for matrices beside SGD for the rest; a GAN's two)."""
 
     def __init__(self, opts: list[torch.optim.Optimizer]):
         self.opts = opts
-
-    def step(self) -> None:
-        for o in self.opts:
-            o.step()
+        for g in self.param_groups:
+            g.setdefault("base_lr", g["lr"])  # the peak the schedule scales
 
     def zero_grad(self) -> None:
         for o in self.opts:
@@ -60,37 +90,59 @@ class Optimizers:
         return [o.state_dict() for o in self.opts]
 
     def load_state_dict(self, states: list[dict]) -> None:
+        """Restore the state (momenta); the hyperparameters of the current config win over the saved ones."""
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
         for o, s in zip(self.opts, states, strict=True):
             o.load_state_dict(s)
+        for g, hyper in zip(self.param_groups, fresh, strict=True):
+            g.update(hyper)
 
     @property
     def param_groups(self) -> list[dict]:
         return [g for o in self.opts for g in o.param_groups]
 
 
-def build_optimizer(model: nn.Module, cfg: Any) -> Optimizers:
-    groups = param_groups(model, cfg)
-    rest = [g for g in groups if g.get("optimizer") != "muon"]
-    for g in groups:
-        g.setdefault("base_lr", cfg.lr * g.pop("lr_scale", 1.0))
-        g["lr"] = g["base_lr"]
-        if cfg.decouple_wd and g.get("weight_decay"):  # the fraction removed per step, whatever the group's lr
-            g["weight_decay"] /= g["base_lr"]
-    opts: list[torch.optim.Optimizer] = []
-    if cfg.optimizer in ("sgd", "muon"):
-        opts.append(torch.optim.SGD(rest, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                                    weight_decay=cfg.weight_decay))
-    else:
-        opts.append(torch.optim.AdamW(rest, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay))
-    muon = [g for g in groups if g.get("optimizer") == "muon"]
-    if muon:
-        from .muon import Muon
+def _groups(model: nn.Module, cfg: Any, muon: bool) -> tuple[list[dict], list[dict]]:
+    """(the conventional optimizer's groups, Muon's), each with lr and weight decay resolved."""
+    rest, hidden = [], []
+    for g in param_groups(model, muon):
+        g = dict(g)
+        to_muon = g.pop("optimizer", None) == "muon" and muon  # (without Muon, its groups go to the other)
+        g["lr"] = g.get("lr", cfg.muon_lr if to_muon else cfg.lr)
+        wd = cfg.weight_decay if g.pop("decay", True) and not to_muon else 0.0
+        g["weight_decay"] = wd / g["lr"] if wd and getattr(cfg, "decoupled", False) else wd
+        (hidden if to_muon else rest).append(g)
+    return rest, hidden
 
-        for g in muon:
-            g["base_lr"] = g["lr"] = cfg.muon_lr
-        opts.append(Muon(muon, lr=cfg.muon_lr, momentum=cfg.muon_momentum, nesterov=True,
-                         ns_steps=cfg.muon_ns_steps, normalize_weights=cfg.muon_normalize))
+
+@optimizers.register("sgd", config=SGDConfig)
+def sgd(model: nn.Module, cfg: SGDConfig) -> Optimizers:
+    """SGD with (Nesterov) momentum."""
+    rest, _ = _groups(model, cfg, False)
+    return Optimizers([torch.optim.SGD(rest, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)])
+
+
+@optimizers.register("adamw", config=AdamWConfig)
+def adamw(model: nn.Module, cfg: AdamWConfig) -> Optimizers:
+    """AdamW (Loshchilov & Hutter 2019)."""
+    rest, _ = _groups(model, cfg, False)
+    return Optimizers([torch.optim.AdamW(rest, lr=cfg.lr, betas=tuple(cfg.betas))])
+
+
+@optimizers.register("muon", config=MuonConfig)
+def muon(model: nn.Module, cfg: MuonConfig) -> Optimizers:
+    """Muon on the hidden >=2-D weights, Nesterov SGD on the rest (Jordan 2024)."""
+    rest, hidden = _groups(model, cfg, True)
+    opts: list[torch.optim.Optimizer] = [torch.optim.SGD(rest, lr=cfg.lr, momentum=cfg.momentum,
+                                                         nesterov=cfg.nesterov)]
+    if hidden:
+        opts.append(Muon(hidden, lr=cfg.muon_lr, momentum=cfg.muon_momentum, nesterov=True, ns_steps=cfg.ns_steps,
+                         normalize_weights=cfg.normalize))
     return Optimizers(opts)
+
+
+def build_optimizer(model: nn.Module, cfg: Any) -> Optimizers:
+    return optimizers[cfg.name].factory(model, cfg)
 
 
 def lr_factor(step: int, total: int, cfg: Any) -> float:
@@ -121,8 +173,12 @@ class EMA:
     """Exponential moving average of parameters and buffers, evaluated in place of the raw weights."""
 
     def __init__(self, model: nn.Module, decay: float):
+        import copy
+
         self.decay = decay
-        self.model = _copy(model)
+        self.model = copy.deepcopy(model)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
@@ -131,12 +187,3 @@ class EMA:
                 e.lerp_(m, 1 - self.decay)
             else:
                 e.copy_(m)
-
-
-def _copy(model: nn.Module) -> nn.Module:
-    import copy
-
-    ema = copy.deepcopy(model)
-    for p in ema.parameters():
-        p.requires_grad_(False)
-    return ema

@@ -4,8 +4,11 @@
     <run>/metrics.jsonl       one JSON object per log event: {"step", "epoch", "time", "train/loss", ...};
                               `time` is the run's seconds, summed over a resumed run's sittings
     <run>/summary.json        final and best metrics, wall time, parameter count, versions, device, seed
-    <run>/checkpoints/last/   model.safetensors + model.json (rebuilds the model) + trainer.pt (resume state)
-    <run>/checkpoints/best/   the same, at the best value of `train.monitor`
+    <run>/checkpoints/last/   model.safetensors + model.json (config, data spec: rebuilds model and task)
+                              + assets/ (what the run fitted: tokenizer, vocabulary, label map, statistics)
+                              + trainer.pt (resume state: optimizers, RNG of every process, loop state)
+    <run>/checkpoints/best/   the same, at the best value of the monitored metric
+    <run>/init.json           with `init.from`: which tensors were loaded from the other run, new, skipped
     <run>/tb/                 TensorBoard event files
     <run>/plots/*.png         curves, confusion matrix, predictions grid
     <run>/report.md           a report embedding the plots
@@ -37,8 +40,10 @@ REPORT = "report.md"
 WEIGHTS = "model.safetensors"
 MODEL_META = "model.json"
 TRAIN_STATE = "trainer.pt"
+ASSETS = "assets"
+INIT = "init.json"
 FORMAT = "nnlab-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the whole config, spec kinds and assets (1: the image-classification foundation)
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:
@@ -113,8 +118,24 @@ def recover(final: Path) -> None:
         os.replace(old, final)
 
 
-def save_checkpoint(folder: Path, model, meta: dict[str, Any], train_state: dict[str, Any] | None) -> None:
-    """Write weights (safetensors), the model's own config (JSON) and optional resume state atomically."""
+def checkpoint_meta(config: dict[str, Any], spec: Any, step: int, epoch: int, metrics: dict[str, float]
+                    ) -> dict[str, Any]:
+    """model.json: the whole resolved config and the data spec (its fields; assets go to files), so the model
+    and task are rebuilt from the checkpoint alone."""
+    import dataclasses
+
+    import torch
+
+    import nnlab
+
+    fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.name != "assets"} if spec else {}
+    return {"format": FORMAT, "version": FORMAT_VERSION, "config": config, "spec": fields, "step": step,
+            "epoch": epoch, "metrics": metrics, "nnlab_version": nnlab.__version__, "torch_version": torch.__version__}
+
+
+def save_checkpoint(folder: Path, model, meta: dict[str, Any], train_state: dict[str, Any] | None,
+                    assets: dict[str, bytes] | None = None) -> None:
+    """Write weights (safetensors), model.json, assets/ and optional resume state atomically."""
     import torch
     from safetensors.torch import save_file
 
@@ -123,12 +144,19 @@ def save_checkpoint(folder: Path, model, meta: dict[str, Any], train_state: dict
     tmp.mkdir(parents=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(tmp / WEIGHTS))
-    write_json(tmp / MODEL_META, {"format": FORMAT, "version": FORMAT_VERSION, **meta})
+    write_json(tmp / MODEL_META, meta)
     if train_state is not None:
         torch.save(train_state, tmp / TRAIN_STATE)
-    for f in tmp.iterdir():  # data on disk before the rename makes it visible
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    if assets:
+        (tmp / ASSETS).mkdir()
+        for name, data in assets.items():
+            if "/" in name or name.startswith("."):
+                raise ValueError(f"asset name '{name}' must be a plain file name")
+            atomic_write(tmp / ASSETS / name, data)
+    for f in tmp.rglob("*"):  # data on disk before the rename makes it visible
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
     swap_in(tmp, folder)
 
 
@@ -141,9 +169,14 @@ def read_meta(folder: Path) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise UserError(f"{folder / MODEL_META} is not an nnlab checkpoint (foreign or corrupt file)")
     if meta.get("version") != FORMAT_VERSION:
-        raise UserError(f"checkpoint {folder} has format version {meta.get('version')}; this nnlab reads "
-                        f"version {FORMAT_VERSION}")
+        raise UserError(f"checkpoint {folder} has format version {meta.get('version')}; this nnlab reads version "
+                        f"{FORMAT_VERSION} only: retrain it, or read it with the nnlab that wrote it")
     return meta
+
+
+def load_assets(folder: Path) -> dict[str, bytes]:
+    d = Path(folder) / ASSETS
+    return {f.name: f.read_bytes() for f in sorted(d.iterdir()) if f.is_file()} if d.is_dir() else {}
 
 
 def load_weights(folder: Path) -> dict[str, Any]:
@@ -220,6 +253,9 @@ def read_config(path: Path) -> dict[str, Any]:
         raise UserError(f"{Path(path) / CONFIG} is corrupt ({e})") from None
     if not isinstance(cfg, dict):
         raise UserError(f"{Path(path) / CONFIG} is not a config mapping")
+    if "loop" not in cfg:  # the foundation's runs name no loop and keep optimizer fields in `train`
+        raise UserError(f"run '{path}' was written in run format version 1; this nnlab reads version "
+                        f"{FORMAT_VERSION} only: retrain it, or read it with the nnlab that wrote it")
     return cfg
 
 

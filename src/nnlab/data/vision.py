@@ -1,10 +1,12 @@
 """Image classification datasets: digits, mnist, cifar10, and a generated `synthetic` set for tests.
 
-Every factory returns uint8 images (N, C, H, W) and int64 labels (N,) for the splits `train`, `val`
-(only when `val_size > 0`) and `test`. Validation images are held out of the official training split
-by a fixed seeded permutation, so `val` never changes with `subset` or between runs. Normalisation
-statistics (`DataSpec.mean/std`) come from the whole official training split. MNIST and CIFAR-10 are
-decoded once from their canonical files and then read back from a cache (see `files.decoded_path`).
+Every factory returns a `TensorData` of uint8 images `x` (N, C, H, W) and int64 labels `y` (N,) for the
+splits `train`, `val` (only when `val_size > 0`) and `test`; its batches are augmented (training only, on
+the device, batched) and normalised to float here, so loops and tasks never see uint8 pixels. Validation
+images are held out of the official training split by a fixed seeded permutation, so `val` never changes
+with `subset` or between runs. Normalisation statistics (`ImageSpec.mean/std`) come from the whole official
+training split. MNIST and CIFAR-10 are decoded once from their canonical files and then read back from a
+cache (see `files.decoded_path`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError, did_you_mean
-from . import Dataset, DataSpec, datasets
+from . import Batch, Spec, TensorData, datasets, specs
 from .files import (
     CORRUPT,
     check_md5,
@@ -46,6 +48,112 @@ FLIPS = ("none", "random", "alternate")
 VAL_SEED = 0  # seed of the permutation that picks validation images; changing it changes every val split
 
 
+@specs.register("image")
+@dataclass(kw_only=True)
+class ImageSpec(Spec):
+    """Images in classes: what a model, a task and `predict` need to know; stored with every checkpoint."""
+
+    kind: str = "image"
+    input_shape: tuple[int, ...]  # one example, (C, H, W)
+    num_classes: int
+    classes: list[str]
+    mean: tuple[float, ...] = ()  # per-channel mean of inputs scaled to [0, 1]; () = no normalisation
+    std: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.input_shape = tuple(self.input_shape)
+        self.mean, self.std = tuple(self.mean), tuple(self.std)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 images (B, C, H, W) -> float32, scaled to [0, 1] and standardised per channel."""
+        x = x.to(torch.float32).div_(255.0)
+        if self.mean:
+            x = x.sub_(torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1))
+            x = x.div_(torch.tensor(self.std, device=x.device).view(1, -1, 1, 1))
+        return x
+
+    def pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """The inverse of `normalize`: uint8 images (B, C, H, W) to look at."""
+        x = x.float().cpu()
+        if self.mean:
+            x = x * torch.tensor(self.std).view(1, -1, 1, 1) + torch.tensor(self.mean).view(1, -1, 1, 1)
+        return x.mul(255).round().clamp(0, 255).to(torch.uint8)
+
+    def encode(self, inputs) -> tuple[Batch | None, list[str | None]]:
+        images, errors = [], []
+        for f in inputs:
+            try:
+                images.append(read_image(f, self.input_shape))
+                errors.append(None)
+            except UserError as e:
+                errors.append(str(e))
+        return (Batch(x=self.normalize(torch.stack(images))) if images else None), errors
+
+    def example(self, n: int) -> Batch:
+        return Batch(x=torch.randn(n, *self.input_shape), y=torch.randint(0, self.num_classes, (n,)))
+
+
+def read_image(path, shape: tuple[int, ...]) -> torch.Tensor:
+    """An image file as uint8 (C, H, W) in the model's input size and channel count."""
+    from PIL import Image, UnidentifiedImageError
+
+    c, h, w = shape
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if c == 1 else "RGB").resize((w, h), Image.Resampling.BILINEAR)
+            arr = np.asarray(im, dtype=np.uint8)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable image ({e.__class__.__name__})") from None
+    t = torch.from_numpy(arr.copy())
+    return t[None] if c == 1 else t.permute(2, 0, 1).contiguous()
+
+
+@dataclass
+class Augment:
+    """Batched image augmentation on uint8 tensors (B, C, H, W)."""
+
+    crop_padding: int = 0  # random translation by up to this many pixels (zero-padded random crop)
+    flip: str = "none"  # none | random | alternate (each image flipped on every other epoch, random start)
+    seed: int = 0
+    padding_mode: str = "zeros"  # what the crop sees outside the image: zeros | reflect
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.crop_padding) or self.flip != "none"
+
+    def __call__(self, x: torch.Tensor, idx: torch.Tensor, epoch: int, gen: torch.Generator) -> torch.Tensor:
+        if self.flip == "random":
+            mask = torch.rand(len(x), generator=gen, device=x.device) < 0.5
+            x = torch.where(mask.view(-1, 1, 1, 1), x.flip(-1), x)
+        elif self.flip == "alternate":  # derandomised flips (Jordan 2024, airbench)
+            base = ((idx * 2654435761 + self.seed * 97) >> 13) & 1  # fixed pseudo-random bit per image
+            mask = (base ^ (epoch % 2)).bool()
+            x = torch.where(mask.view(-1, 1, 1, 1), x.flip(-1), x)
+        p = self.crop_padding
+        if p:
+            b, c, h, w = x.shape
+            dy = torch.randint(0, 2 * p + 1, (b,), generator=gen, device=x.device)
+            dx = torch.randint(0, 2 * p + 1, (b,), generator=gen, device=x.device)
+            rows = dy[:, None] - p + torch.arange(h, device=x.device)  # (B, H) source row of each output row
+            cols = dx[:, None] - p + torch.arange(w, device=x.device)  # (B, W)
+            bi = torch.arange(b, device=x.device)[:, None, None, None]
+            ci = torch.arange(c, device=x.device)[None, :, None, None]
+            if self.padding_mode == "reflect":  # mirror indices at the border, as F.pad(mode="reflect")
+                rows, cols = _reflect(rows, h), _reflect(cols, w)
+                x = x[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]  # (B, C, H, W)
+            else:
+                xp = torch.nn.functional.pad(x, (p, p, p, p))
+                x = xp[bi, ci, (rows + p)[:, None, :, None], (cols + p)[:, None, None, :]]  # (B, C, H, W)
+        return x
+
+
+def _reflect(i: torch.Tensor, n: int) -> torch.Tensor:
+    i = i.abs()
+    return torch.where(i > n - 1, 2 * (n - 1) - i, i)
+
+
 @dataclass
 class VisionData:
     """Options shared by every image classification dataset."""
@@ -54,9 +162,9 @@ class VisionData:
     data_dir: str | None = None  # folder holding <dataset>/<files>; searched before NNLAB_DATA and the cache
     val_size: int = 5000  # training images held out for validation (fixed seeded permutation); 0 = no val
     subset: int = 0  # use only the first N training images left after the val hold-out; 0 = all
-    crop_padding: int = 0  # random translation by up to this many pixels (applied by the trainer's Augment)
+    crop_padding: int = 0  # random translation by up to this many pixels, training batches only
     padding_mode: str = "zeros"  # pixels the translation brings in: zeros | reflect (mirror the border)
-    flip: str = "none"  # horizontal flips: none | random | alternate (applied by the trainer's Augment)
+    flip: str = "none"  # horizontal flips of training batches: none | random | alternate
     download: bool = True  # download missing files from their public URL into the user cache
 
     def __post_init__(self) -> None:
@@ -128,14 +236,14 @@ def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def build(cfg: VisionData, train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
-          classes: list[str], stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> Dataset:
-    """Hold out `val_size` training images (fixed permutation), apply `subset`, and make the DataSpec."""
+          classes: list[str], stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> TensorData:
+    """Hold out `val_size` training images (fixed permutation), apply `subset`, and make the ImageSpec."""
     x, y = train
     n = len(x)
     if cfg.val_size >= n:
         raise UserError(f"val_size {cfg.val_size} leaves no training images: {cfg.name} has {n}")
     mean, std = stats or channel_stats(x)
-    splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    splits: dict[str, dict[str, torch.Tensor]] = {}
     if cfg.val_size:
         perm = torch.from_numpy(np.random.default_rng(VAL_SEED).permutation(n))
         val_idx, train_idx = perm[:cfg.val_size].sort().values, perm[cfg.val_size:].sort().values
@@ -146,13 +254,17 @@ def build(cfg: VisionData, train: tuple[torch.Tensor, torch.Tensor], test: tuple
             raise UserError(f"subset {cfg.subset} is larger than the {len(x)} training images of {cfg.name} "
                             f"(after holding out val_size {cfg.val_size})")
         x, y = x[:cfg.subset], y[:cfg.subset]
-    splits["train"] = (x.contiguous(), y.contiguous())
+    splits["train"] = {"x": x.contiguous(), "y": y.contiguous()}
     if cfg.val_size:
-        splits["val"] = (x_val.contiguous(), y_val.contiguous())
-    splits["test"] = (test[0].contiguous(), test[1].contiguous())
-    spec = DataSpec(input_shape=tuple(x.shape[1:]), num_classes=len(classes), classes=classes,
-                    mean=mean, std=std)
-    return Dataset(spec, splits)
+        splits["val"] = {"x": x_val.contiguous(), "y": y_val.contiguous()}
+    splits["test"] = {"x": test[0].contiguous(), "y": test[1].contiguous()}
+    spec = ImageSpec(input_shape=tuple(x.shape[1:]), num_classes=len(classes), classes=classes, mean=mean, std=std)
+    def transform(batch: Batch, idx: torch.Tensor, epoch: int, gen: torch.Generator, train: bool, seed: int) -> Batch:
+        augment = Augment(cfg.crop_padding, cfg.flip, seed, cfg.padding_mode)
+        x = augment(batch["x"], idx, epoch, gen) if train and augment.enabled else batch["x"]
+        return Batch(x=spec.normalize(x), y=batch["y"])
+
+    return TensorData(spec, splits, transform)
 
 
 Decoded = tuple[dict[str, torch.Tensor], list[str]]  # {train_x, train_y, test_x, test_y}, class names
@@ -160,7 +272,7 @@ KEYS = ("train_x", "train_y", "test_x", "test_y")
 
 
 def decode_once(cfg: VisionData, dataset: str, md5s: dict[str, str],
-                decode: Callable[[], Decoded]) -> Dataset:
+                decode: Callable[[], Decoded]) -> TensorData:
     """Build the dataset from the decoded cache, or `decode()` the source files and cache the result.
 
     The cache is keyed by the published MD5s that `decode` checks; with no MD5s (verification turned
@@ -191,7 +303,7 @@ def decode_once(cfg: VisionData, dataset: str, md5s: dict[str, str],
 
 # --------------------------------------------------------------------------------------------- digits
 @datasets.register("digits", config=DigitsData)
-def digits(cfg: DigitsData) -> Dataset:
+def digits(cfg: DigitsData) -> TensorData:
     """scikit-learn's bundled 8x8 handwritten digits (1,797 images); stratified 80/20 train/test split.
 
     Read straight from the CSV that scikit-learn ships (`sklearn/datasets/data/digits.csv.gz`: 64 pixel
@@ -254,7 +366,7 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
 
 
 @datasets.register("mnist", config=MnistData)
-def mnist(cfg: MnistData) -> Dataset:
+def mnist(cfg: MnistData) -> TensorData:
     """MNIST handwritten digits from the four canonical IDX files (60,000 train / 10,000 test)."""
 
     def decode() -> Decoded:
@@ -355,7 +467,7 @@ def _cifar_batch(blob: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 @datasets.register("cifar10", config=Cifar10Data)
-def cifar10(cfg: Cifar10Data) -> Dataset:
+def cifar10(cfg: Cifar10Data) -> TensorData:
     """CIFAR-10 from the canonical cifar-10-python.tar.gz (or its extracted cifar-10-batches-py/)."""
 
     def decode() -> Decoded:
@@ -389,7 +501,7 @@ def cifar10(cfg: Cifar10Data) -> Dataset:
 
 # ------------------------------------------------------------------------------------------ synthetic
 @datasets.register("synthetic", config=SyntheticData)
-def synthetic(cfg: SyntheticData) -> Dataset:
+def synthetic(cfg: SyntheticData) -> TensorData:
     """Generated images: one random pattern per class plus Gaussian noise; learnable, needs no files."""
     g = torch.Generator().manual_seed(cfg.seed)
     k, c, s = cfg.num_classes, cfg.channels, cfg.image_size

@@ -1,19 +1,29 @@
-"""Model families, one file each, registered by name: `build(name, cfg, spec)` makes one.
+"""Model families, one file each, registered by name as small factories, one per variant (timm-style):
+`build(name, cfg, spec)` makes one.
 
-A factory takes its family's config dataclass and the `DataSpec` of the data, and returns an
-`nn.Module`. Optional hooks the trainer uses when present: `init_from_data(x)` (data-dependent
-initialisation, e.g. patch whitening) and `param_groups()` (optimizer split).
+A factory takes its family's config dataclass and the data's `Spec`, and returns an `nn.Module`; its
+registration names an `example` spec, from which the registry tests draw inputs. Two optional model methods,
+typed as protocols: `init_from_data(batch)` (data-dependent initialisation, e.g. patch whitening; see
+`InitFromData`) and `param_groups()` (the model's own optimizer split; see `optim.HasParamGroups`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from torch import nn
 
+from ..data.vision import ImageSpec
 from ..registry import Registry
 
 models = Registry("model")
+CIFAR = ImageSpec(input_shape=(3, 32, 32), num_classes=10, classes=[str(i) for i in range(10)])
+MNIST = ImageSpec(input_shape=(1, 28, 28), num_classes=10, classes=[str(i) for i in range(10)])
+
+
+@runtime_checkable
+class InitFromData(Protocol):
+    def init_from_data(self, batch: Any) -> None: ...
 
 
 def build(name: str, cfg: Any, spec: Any) -> nn.Module:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-from . import models
+from . import MNIST, models
 
 
 @dataclass
@@ -45,7 +45,7 @@ class CNN(nn.Module):
         return self.head(self.features(x))
 
 
-@models.register("cnn", config=CNNConfig)
+@models.register("cnn", config=CNNConfig, example=MNIST)
 def cnn(cfg: CNNConfig, spec) -> nn.Module:
     """Small VGG-style CNN for small images (MNIST, digits)."""
     if min(spec.input_shape[1:]) < 2 ** len(cfg.channels):

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data import DataSpec
-from . import models
+from ..data.vision import ImageSpec
+from . import CIFAR, models
 
 
 class BatchNorm(nn.BatchNorm2d):
@@ -110,6 +110,8 @@ class FastNetConfig:
     bn_weight: bool = False  # train the BatchNorm scale; airbench keeps it at 1 and trains only the shift
     dirac_init: bool = True  # initialise the first c_in filters of every 3x3 conv as the identity
     head_scale: float | None = None  # logits = head(features) * head_scale; None = 1 / widths[-1]
+    head_lr: float = 0.0  # peak learning rate of the head (absolute); 0: the optimizer's lr
+    whiten_bias_epochs: int = 0  # the whitening bias's lr decays linearly to 0 over this many epochs (0: schedule)
 
     def __post_init__(self) -> None:
         if not self.widths or self.whiten_patch < 1:
@@ -129,10 +131,22 @@ class FastNet(nn.Module):
         with torch.no_grad():
             self.head.weight.div_(self.head.weight.std())  # unit-std head weights, scaled down by head_scale
         self.head_scale = cfg.head_scale if cfg.head_scale is not None else 1.0 / c
+        self.head_lr, self.whiten_bias_epochs = cfg.head_lr, cfg.whiten_bias_epochs
 
-    def init_from_data(self, x: Tensor) -> None:
-        """Data-dependent init of the whitening layer from normalised training images (N, C, H, W)."""
-        self.whiten.init_from_data(x)
+    def param_groups(self) -> list[dict]:
+        """airbench's optimizer split: Muon on the groups' conv filters, weight decay on everything (biases
+        too), the head at its own learning rate, the whitening bias on a short schedule of its own."""
+        filters = [p for p in self.groups.parameters() if p.ndim == 4]
+        norms = [p for p in self.groups.parameters() if p.ndim < 4 and p.requires_grad]
+        bias = {"params": [self.whiten.bias], "decay": True}
+        if self.whiten_bias_epochs:
+            bias["epochs"] = self.whiten_bias_epochs
+        head = {"params": [self.head.weight], "decay": True} | ({"lr": self.head_lr} if self.head_lr else {})
+        return [{"params": norms, "decay": True}, head, bias, {"params": filters, "optimizer": "muon"}]
+
+    def init_from_data(self, batch) -> None:
+        """Data-dependent init of the whitening layer from a batch of normalised training images `x`."""
+        self.whiten.init_from_data(batch["x"])
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) normalised images -> (B, num_classes) logits
         x = F.gelu(self.whiten(x))  # (B, 2d, H-k+1, W-k+1)
@@ -141,8 +155,8 @@ class FastNet(nn.Module):
         return self.head(x) * self.head_scale
 
 
-@models.register("fastnet", config=FastNetConfig)
-def fastnet(cfg: FastNetConfig, spec: DataSpec) -> nn.Module:
+@models.register("fastnet", config=FastNetConfig, example=CIFAR)
+def fastnet(cfg: FastNetConfig, spec: ImageSpec) -> nn.Module:
     """Airbench-style speed net: frozen patch whitening, BN+GELU conv groups with max-pooling (CIFAR-10)."""
     c, h, w = spec.input_shape
     smallest = (min(h, w) - cfg.whiten_patch + 1) // 2 ** len(cfg.widths)

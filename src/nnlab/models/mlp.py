@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-from . import models
+from . import MNIST, models
 
 
 @dataclass
@@ -36,7 +36,7 @@ class MLP(nn.Module):
         return self.head(self.body(x))
 
 
-@models.register("mlp", config=MLPConfig)
+@models.register("mlp", config=MLPConfig, example=MNIST)
 def mlp(cfg: MLPConfig, spec) -> nn.Module:
     """MLP classifier over flattened inputs."""
     return MLP(cfg, math.prod(spec.input_shape), spec.num_classes)

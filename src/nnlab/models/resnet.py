@@ -1,20 +1,20 @@
 """ResNet with a CIFAR stem (He et al. 2016, "Deep Residual Learning"): 3x3 stem, no max-pool,
-four stages of BasicBlocks at widths w, 2w, 4w, 8w, global average pooling, linear head."""
+four stages of BasicBlocks at widths w, 2w, 4w, 8w, global average pooling, linear head. One named factory
+per depth: resnet18 (2, 2, 2, 2 blocks per stage) and resnet34 (3, 4, 6, 3)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import models
+from . import CIFAR, models
 
 
 @dataclass
 class ResNetConfig:
-    name: str = "resnet18"
-    blocks: list[int] = field(default_factory=lambda: [2, 2, 2, 2])  # BasicBlocks per stage
+    name: str = "resnet18"  # resnet18 | resnet34: the depth is the variant's, not an option
     width: int = 64  # channels of the first stage; doubled at each later stage
 
 
@@ -36,13 +36,13 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self, cfg: ResNetConfig, in_channels: int, num_classes: int):
+    def __init__(self, cfg: ResNetConfig, blocks: tuple[int, ...], in_channels: int, num_classes: int):
         super().__init__()
         w = cfg.width
         self.stem = nn.Sequential(nn.Conv2d(in_channels, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w),
                                   nn.ReLU(inplace=True))
         stages, c = [], w
-        for i, n in enumerate(cfg.blocks):
+        for i, n in enumerate(blocks):
             out = w * 2 ** i
             for j in range(n):
                 stages.append(BasicBlock(c, out, 2 if (i > 0 and j == 0) else 1))
@@ -61,8 +61,13 @@ class ResNet(nn.Module):
         return self.head(x.mean((2, 3)))  # global average pool: (B, C, h, w) -> (B, C)
 
 
-@models.register("resnet18", config=ResNetConfig)
+@models.register("resnet18", config=ResNetConfig, example=CIFAR)
 def resnet18(cfg: ResNetConfig, spec) -> nn.Module:
     """ResNet-18 with a CIFAR stem (11M parameters at width 64)."""
-    return ResNet(cfg, spec.input_shape[0], spec.num_classes)
+    return ResNet(cfg, (2, 2, 2, 2), spec.input_shape[0], spec.num_classes)
 
+
+@models.register("resnet34", config=ResNetConfig, example=CIFAR)
+def resnet34(cfg: ResNetConfig, spec) -> nn.Module:
+    """ResNet-34 with a CIFAR stem (21M parameters at width 64)."""
+    return ResNet(cfg, (3, 4, 6, 3), spec.input_shape[0], spec.num_classes)

@@ -1,16 +1,25 @@
 """Classification: cross-entropy (optionally label-smoothed), accuracy, per-class precision/recall/F1,
-a confusion matrix, and test-time augmentation."""
+a confusion matrix, test-time augmentation for images, and its report (confusion matrix and a grid of test
+predictions) and `predict` on raw inputs (read by the data's spec: image files, later text lines)."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import run as R
 from ..config import check
-from . import tasks
+from ..data import Batch
+from ..data.vision import ImageSpec
+from ..report import pyplot, save_figure
+from . import TaskBase, tasks
 
 
 @dataclass
@@ -24,12 +33,14 @@ class ClassificationConfig:
         check(self.tta in ("none", "flip", "flip_translate"), "task.tta", "must be none, flip or flip_translate")
 
 
-class Classification:
-    def __init__(self, cfg: ClassificationConfig, spec):
-        self.cfg, self.num_classes, self.classes = cfg, spec.num_classes, spec.classes
+class Classification(TaskBase):
+    monitor = "acc"
 
-    def step(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
-        x, y = batch
+    def __init__(self, cfg: ClassificationConfig, spec):
+        self.cfg, self.spec, self.num_classes, self.classes = cfg, spec, spec.num_classes, spec.classes
+
+    def step(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
+        x, y = batch["x"], batch["y"]
         logits = model(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.label_smoothing)
         return {"loss": loss, "acc": (logits.argmax(1) == y).float().mean()}
@@ -46,8 +57,8 @@ class Classification:
                 views.append(0.5 * (model(pad[..., :-2, :-2]).float() + model(pad[..., 2:, 2:]).float()))
         return torch.stack(views).mean(0)
 
-    def eval_stats(self, model: nn.Module, batch: tuple[Tensor, Tensor], final: bool = True) -> dict[str, Tensor]:
-        x, y = batch
+    def eval_stats(self, model: nn.Module, batch: Batch, final: bool = True) -> dict[str, Tensor]:
+        x, y = batch["x"], batch["y"]
         logits = self.logits(model, x) if final else model(x).float()  # no TTA while training (airbench)
         pred = logits.argmax(1)
         k = self.num_classes
@@ -62,7 +73,7 @@ class Classification:
         return {"loss": (stats["loss_sum"] / n).item(), "acc": (cm.trace() / n).item(),
                 "macro_f1": f1.mean().item(), "macro_precision": p.mean().item(), "macro_recall": r.mean().item()}
 
-    def report(self, stats: dict[str, Tensor]) -> str:
+    def describe(self, stats: dict[str, Tensor]) -> str:
         """A per-class table like scikit-learn's `classification_report`, as Markdown."""
         cm = stats["confusion"].double()
         p, r, f1, support = per_class(cm)
@@ -78,8 +89,41 @@ class Classification:
         return "\n".join(rows)
 
     @torch.no_grad()
-    def predict(self, model: nn.Module, x: Tensor) -> Tensor:
+    def probs(self, model: nn.Module, x: Tensor) -> Tensor:
         return self.logits(model, x).softmax(-1)  # (B, num_classes) probabilities
+
+    def predict(self, model: nn.Module, inputs: Sequence[str], top: int = 1) -> list[dict[str, Any]]:
+        """Class and probability (and the `top` classes) of each raw input the data's spec can read."""
+        batch, errors = self.spec.encode(inputs)
+        rows: list[dict[str, Any]] = [{"error": e} if e else {} for e in errors]
+        if batch is not None:
+            device = next(model.parameters()).device
+            p, idx = self.probs(model.eval(), batch.to(device)["x"]).topk(min(top, self.num_classes), dim=1)
+            good = [r for r in rows if "error" not in r]
+            for row, pi, ii in zip(good, p.tolist(), idx.tolist(), strict=True):
+                row |= {"class": self.classes[ii[0]], "prob": pi[0],
+                        "top": [[self.classes[i], q] for i, q in zip(ii, pi, strict=True)]}
+        return rows
+
+    def summary(self, stats: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        return {"confusion": {split: s["confusion"].tolist() for split, s in stats.items()}}
+
+    def report(self, folder: Path, summary: dict[str, Any], model: nn.Module | None, data: Any) -> list[str]:
+        """Per split, the per-class table and the confusion matrix; the first test images, predicted."""
+        lines: list[str] = []
+        for split, cm in ((summary.get("task") or {}).get("confusion") or {}).items():
+            plot_confusion(cm, self.classes, folder / R.PLOTS / f"confusion_{split}.png")
+            lines += ["", f"## {split}: per-class report", "", self.describe({"confusion": torch.tensor(cm)}),
+                      "", f"![confusion {split}](plots/confusion_{split}.png)"]
+        if model is not None and data is not None and "test" in data.splits and isinstance(self.spec, ImageSpec):
+            device = next(model.parameters()).device
+            batch = next(iter(data.loader("test", 32, device=device).epoch(0)))
+            p, idx = self.probs(model.eval(), batch["x"]).float().cpu().max(1)
+            plot_predictions(self.spec.pixels(batch["x"]), [self.classes[i] for i in batch["y"].tolist()],
+                             [self.classes[i] for i in idx.tolist()], p.tolist(), folder / R.PLOTS / "predictions.png")
+            lines += ["", "## Test predictions (first images; red = wrong)", "",
+                      "![predictions](plots/predictions.png)"]
+        return lines
 
 
 def per_class(cm: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -91,6 +135,48 @@ def per_class(cm: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     recall = torch.where(support > 0, tp / support.clamp(min=1), 0.0)
     f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12), 0.0)
     return precision, recall, f1, support
+
+
+def plot_confusion(cm: list[list[int]], classes: list[str], path: Path) -> None:
+    plt = pyplot()
+    k = len(classes)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * k, 0.8 + 0.5 * k))
+    m = torch.tensor(cm, dtype=torch.float64)
+    norm = m / m.sum(1, keepdim=True).clamp(min=1)
+    ax.imshow(norm.numpy(), cmap="Blues", vmin=0, vmax=1)
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=7,
+                    color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xticks(range(k), classes, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(k), classes, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    save_figure(fig, path)
+
+
+def plot_predictions(images: Tensor, true: list[str], pred: list[str], prob: list[float], path: Path) -> None:
+    """A grid of uint8 images (N, C, H, W) captioned 'pred (p) / true', wrong ones in red. Drawn as one
+    mosaic on one axes (a subplot per image is ~10x slower)."""
+    plt = pyplot()
+    n, c, h, w = images.shape
+    cols = min(8, n)
+    rows = math.ceil(n / cols)
+    gap = max(2, round(0.45 * h))  # a caption band above each row of images
+    grid = torch.full((rows * (h + gap), cols * (w + 1), c), 255, dtype=torch.uint8)
+    for i in range(n):
+        r, q = divmod(i, cols)
+        top = r * (h + gap) + gap
+        grid[top:top + h, q * (w + 1):q * (w + 1) + w] = images[i].permute(1, 2, 0)
+    fig, ax = plt.subplots(figsize=(1.5 * cols, 1.9 * rows))
+    grid = grid.numpy()
+    ax.imshow(grid[..., 0] if c == 1 else grid, cmap="gray" if c == 1 else None, interpolation="nearest")
+    for i in range(n):
+        r, q = divmod(i, cols)
+        ax.text(q * (w + 1) + w / 2, r * (h + gap) + gap - 0.6, f"{pred[i]} ({prob[i]:.2f}) / {true[i]}",
+                ha="center", va="bottom", fontsize=6, color="black" if pred[i] == true[i] else "red")
+    ax.axis("off")
+    save_figure(fig, path)
 
 
 @tasks.register("classification", config=ClassificationConfig)
