@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from nnlab.data import Batch
-from nnlab.data.vision import ImageSpec
+from nnlab.data.image import ImageSpec
 from nnlab.models import build, models
 from nnlab.models.fastnet import FastNetConfig, PatchWhiten
 from nnlab.muon import Muon, orthogonalize

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from nnlab.data import Batch, Loader, pad
-from nnlab.data.vision import Augment
+from nnlab.data.image import Augment
 
 
 def data(n: int = 50) -> tuple[torch.Tensor, torch.Tensor]:

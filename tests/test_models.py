@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nnlab.config import section_from_dict
-from nnlab.data.vision import ImageSpec
+from nnlab.data.image import ImageSpec
 from nnlab.models import InitFromData, build, models
 
 

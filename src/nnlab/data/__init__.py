@@ -225,4 +225,4 @@ class Windows:
             i += 1
 
 
-from . import vision  # noqa: E402,F401  (registers the image datasets)
+from . import image, vision  # noqa: E402,F401  (registers the image spec and datasets)

@@ -13,7 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from torch import nn
 
-from ..data.vision import ImageSpec
+from ..data.image import ImageSpec
 from ..registry import Registry
 
 models = Registry("model")

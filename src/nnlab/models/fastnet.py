@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data.vision import ImageSpec
+from ..data.image import ImageSpec
 from . import CIFAR, models
 
 

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .. import run as R
 from ..config import check
 from ..data import Batch
-from ..data.vision import ImageSpec
+from ..data.image import ImageSpec
 from ..report import pyplot, save_figure
 from . import TaskBase, tasks
 
