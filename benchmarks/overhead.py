@@ -12,7 +12,7 @@ Run from the repository root, alone on the machine (other load skews every numbe
 Each framework trains recipe mnist-cnn's model (nnlab's `cnn`; in Keras the same layers, widths, dropout and
 BatchNorm, channels-first) on the 55,000 in-memory MNIST training images with the same batch, AdamW (lr,
 betas, decay on >=2-D weights), label smoothing, precision and threads. Each crops uint8 batches with
-nnlab.data.Augment (--crop-padding; default 0: none, as the issue asks), then runs nnlab.data.normalize.
+nnlab.data.image.Augment (--crop-padding; default 0: none, as the issue asks), then ImageSpec.normalize.
 Throughput: images of steps warmup+1..steps / their wall time (no data decode or evaluation in it). CPU only.
 """
 
@@ -42,7 +42,8 @@ from torch import Tensor, nn
 
 import nnlab
 from nnlab.config import Config, load_config
-from nnlab.data import Augment, DataSpec, datasets, normalize
+from nnlab.data import datasets
+from nnlab.data.image import Augment, ImageSpec
 from nnlab.models import build
 
 FRAMEWORKS = ("nnlab", "torch", "keras", "lightning")  # torch: the hand-written loop, the reference
@@ -54,20 +55,20 @@ NO_IDX = torch.empty(0, dtype=torch.long)  # Augment reads image indices only fo
 class Setup:
     args: argparse.Namespace
     cfg: Config  # recipe mnist-cnn with the command line's crop padding and batch size
-    spec: DataSpec
+    spec: ImageSpec
     x: Tensor  # (N, 1, 28, 28) uint8 training images
     y: Tensor  # (N,) int64 labels
 
     def prep(self, x: Tensor, gen: torch.Generator) -> Tensor:
         """uint8 batch -> cropped, standardised float32 batch: the same work in every framework."""
-        return normalize(Augment(self.args.crop_padding)(x, NO_IDX, 0, gen), self.spec)
+        return self.spec.normalize(Augment(self.args.crop_padding)(x, NO_IDX, 0, gen))
 
     def model(self) -> nn.Module:
         torch.manual_seed(0)
         return build("cnn", self.cfg.model, self.spec)
 
     def adamw(self, model: nn.Module) -> torch.optim.AdamW:
-        t = self.cfg.train  # weight decay on >=2-D weights only, as nnlab.optim.param_groups
+        t = self.cfg.optim  # weight decay on >=2-D weights only, as nnlab.optim.param_groups
         groups = [{"params": [p for p in model.parameters() if (p.ndim >= 2) == d],
                    "weight_decay": t.weight_decay if d else 0.0} for d in (True, False)]
         return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas))
@@ -125,7 +126,7 @@ def run_keras(s: Setup) -> dict[str, float]:
     import keras
     from keras import layers as kl
 
-    a, m, t, cf = s.args, s.cfg.model, s.cfg.train, "channels_first"
+    a, m, t, cf = s.args, s.cfg.model, s.cfg.optim, "channels_first"
     keras.config.set_dtype_policy("mixed_bfloat16" if a.precision == "bf16" else "float32")
     keras.utils.set_random_seed(0)
     gen, stamps = torch.Generator().manual_seed(0), list[float]()
@@ -213,7 +214,7 @@ def main() -> None:
         p.error("need 1 <= --warmup < --steps")
     cfg = load_config("mnist-cnn", data={"crop_padding": a.crop_padding}, train={"batch_size": a.batch_size})
     data = datasets["mnist"].factory(cfg.data)  # decoded once (nnlab.train reads the same cache)
-    s = Setup(a, cfg, data.spec, *data.splits["train"])
+    s = Setup(a, cfg, data.spec, data.tensors["train"]["x"], data.tensors["train"]["y"])
     frameworks = [fw for fw in a.only if fw in ("nnlab", "torch") or importlib.util.find_spec(fw)]
     for fw in sorted(set(a.only) - set(frameworks)):
         print(f"skipping {fw}: not installed; `pip install {fw} torch=={torch.__version__.split('+')[0]}` "
