@@ -107,8 +107,18 @@ def test_cli_eval_predict_runs_report(tmp_path, tiny_recipe, capsys) -> None:
     assert "2 of 3 inputs" in captured.err
     assert main(["predict", folder, str(img), "--top", "0"]) == 2
     assert "--top must be at least 1" in capsys.readouterr().err
+    assert main(["predict", folder, str(img), "--top", "2", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["input"] == str(img) and len(row["top"]) == 2 and row["top"][0] == [row["class"], row["prob"]]
+    assert main(["eval", folder, "--json", "task.tta=flip"]) == 0  # the run's config, overridden for one eval
+    flipped = json.loads(capsys.readouterr().out)["metrics"]
+    assert main(["eval", folder, "--json"]) == 0
+    assert flipped["loss"] != json.loads(capsys.readouterr().out)["metrics"]["loss"]
+    assert main(["eval", folder, "task.tta=flop"]) == 2
+    assert "task.tta" in capsys.readouterr().err
     assert main(["runs", str(tmp_path / "runs")]) == 0
-    assert "tiny-" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "tiny-" in out and "val/acc" in out  # each run by its monitored metric
     assert main(["report", folder]) == 0
     assert (tmp_path / "runs").exists()
 

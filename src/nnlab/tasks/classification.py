@@ -101,8 +101,9 @@ class Classification(TaskBase):
             p, idx = self.probs(model.eval(), batch.to(device)["x"]).topk(min(top, self.num_classes), dim=1)
             good = [r for r in rows if "error" not in r]
             for row, pi, ii in zip(good, p.tolist(), idx.tolist(), strict=True):
-                row |= {"class": self.classes[ii[0]], "prob": pi[0],
-                        "top": [[self.classes[i], q] for i, q in zip(ii, pi, strict=True)]}
+                row |= {"class": self.classes[ii[0]], "prob": pi[0]}
+                if top > 1:
+                    row["top"] = [[self.classes[i], q] for i, q in zip(ii, pi, strict=True)]
         return rows
 
     def summary(self, stats: dict[str, dict[str, Any]]) -> dict[str, Any]:
