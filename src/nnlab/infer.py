@@ -61,9 +61,12 @@ def init_from(model: torch.nn.Module, source: str | Path, which: str = "best") -
     """Copy into `model` every tensor of another run's checkpoint whose name and shape match. Returns the table:
     `loaded`, `new` (kept as initialised: absent there, or another shape, as a head for other classes, with the
     shapes), `skipped` (there but not in this model)."""
-    folder = R.checkpoint_dir(source, which)
-    R.read_meta(folder)
-    theirs = R.load_weights(folder)
+    try:
+        folder = R.checkpoint_dir(source, which)
+        R.read_meta(folder)
+        theirs = R.load_weights(folder)
+    except UserError as e:
+        raise UserError(f"init.from={source}: {e}") from None
     mine = model.state_dict()
     loaded = [k for k, v in mine.items() if k in theirs and theirs[k].shape == v.shape]
     new = [k if k not in theirs else f"{k} {tuple(theirs[k].shape)}->{tuple(mine[k].shape)}"

@@ -11,6 +11,7 @@ extends `LoopConfig`, whose fields the session reads.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,8 +97,10 @@ class Session:
         return weights, state
 
     def evaluated(self, step: int, metrics: dict[str, float]) -> bool:
-        """Call the evaluation callback; True when it asks to stop the run."""
-        return bool(self.on_eval(step, dict(metrics))) if self.on_eval is not None else False
+        """Call the evaluation callback; True when it asks to stop the run (rank 0's answer, on every process)."""
+        if self.on_eval is None:
+            return False
+        return bool(dist.broadcast_object(bool(self.on_eval(step, dict(metrics))), self.env))
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         """summary.json: the loop's figures plus what every run records."""
@@ -137,6 +140,10 @@ def fit(cfg: Config, out: str | Path = "runs", resume_dir: Path | None = None, q
         session = Session(cfg, env, out, resume_dir, quiet, progress, on_eval)
         try:
             loop.train(cfg, session)
+        except BaseException:
+            if env.main and not session.resumed and session.tracker is None:  # refused before it began: no folder
+                shutil.rmtree(session.folder, ignore_errors=True)
+            raise
         finally:
             session.close()
         dist.barrier(env)  # every process done (rank 0 writes the report) before the group goes away

@@ -204,6 +204,8 @@ def test_a_stream_without_max_steps_is_a_clear_user_error(plugin: Path, tmp_path
     assert main(["train", str(path), "--out", str(tmp_path / "cli"), "-q"]) == 2
     err = capsys.readouterr().err
     assert "set train.max_steps" in err and "Traceback" not in err
+    for out in ("api", "cli"):  # refused before it began: no run folder is left behind
+        assert not list((tmp_path / out).glob("stream-*")), out
 
 
 def test_step_wise_run_keeps_the_lowest_loss_as_best(plugin: Path, tmp_path: Path) -> None:
