@@ -11,11 +11,11 @@ model and task, registered from this file) trains through `nnlab.train`:
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from harness import plug
 
 import nnlab
 from nnlab import run as R
@@ -152,13 +152,7 @@ class Pruned(Exception):
 
 @pytest.fixture(scope="module", autouse=True)
 def plugin(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("plug_blobs")
-    (folder / "plug_blobs.py").write_text(PLUGIN)
-    sys.path.insert(0, str(folder))
-    import plug_blobs  # noqa: F401  (registers the family in this process)
-
-    yield folder
-    sys.path.remove(str(folder))
+    yield from plug(tmp_path_factory, "plug_blobs", PLUGIN)  # registers the family in this process
 
 
 def test_the_evaluation_callback_sees_every_evaluation_and_stops_the_run(tmp_path: Path) -> None:

@@ -14,18 +14,12 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
-import random
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import REPO
+from harness import cli, comparable, install, kill_midway, last_step, resume, run_dir
 
 import nnlab
 from nnlab import run as R
@@ -275,18 +269,7 @@ VOLATILE = ("time",)
 
 
 def plugin(tmp_path: Path) -> Path:
-    (tmp_path / "plug_bandit.py").write_text(PLUGIN)
-    return tmp_path
-
-
-def cli(tmp_path: Path, *args: str, **popen) -> subprocess.CompletedProcess | subprocess.Popen:
-    """The real CLI in a subprocess, with the plugin imported first."""
-    code = "import plug_bandit, sys; from nnlab.cli import main; sys.exit(main(sys.argv[1:]))"
-    env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{tmp_path}", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-c", code, *args]
-    if popen:
-        return subprocess.Popen(cmd, env=env, **popen)
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    return install(tmp_path, "plug_bandit", PLUGIN)
 
 
 def recipe_file(tmp_path: Path, recipe: dict, name: str = "bandit.yaml") -> Path:
@@ -299,15 +282,6 @@ def in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Register the plugin's loop in this process too (once per session: the module is cached)."""
     monkeypatch.syspath_prepend(str(tmp_path))
     importlib.import_module("plug_bandit")
-
-
-def comparable(folder: Path) -> list[dict]:
-    return [{k: v for k, v in row.items() if k not in VOLATILE} for row in R.read_metrics(folder)]
-
-
-def last_step(folder: Path) -> int:
-    rows = R.read_metrics(folder)
-    return rows[-1]["step"] if rows else 0
 
 
 def test_bandit_loop_writes_a_run_folder_the_verbs_read(tmp_path: Path) -> None:
@@ -424,37 +398,16 @@ def test_bandit_config_errors_and_python_api(tmp_path: Path, monkeypatch: pytest
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path: Path) -> None:
     plugin(tmp_path)
     recipe = recipe_file(tmp_path, LONG, "long.yaml")
-    ref = cli(tmp_path, "train", str(recipe), "--out", str(tmp_path / "ref"), "-q")
-    assert ref.returncode == 0, ref.stderr
-    ref_dir = Path(ref.stdout.strip().splitlines()[-1])
-
-    proc = cli(tmp_path, "train", str(recipe), "--out", str(tmp_path / "k"), "-q", stdout=subprocess.DEVNULL,
-               stderr=subprocess.DEVNULL)
-    kill_after = random.Random().randint(40, 4000)  # a different moment on every run of the suite
-    deadline = time.time() + 60
-    folder = None
-    while time.time() < deadline and proc.poll() is None:
-        runs = list((tmp_path / "k").glob("bandit-*"))
-        if runs and (runs[0] / R.CHECKPOINTS / "last").exists() and last_step(runs[0]) >= kill_after:
-            folder = runs[0]
-            break
-        time.sleep(0.002)
-    assert proc.poll() is None, "the run ended before it could be killed: make LONG longer"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert folder is not None, "no checkpoint within the deadline"
-    assert not (folder / R.SUMMARY).exists()  # it was interrupted
+    ref_dir = run_dir(cli(tmp_path, "train", str(recipe), "--out", str(tmp_path / "ref"), "-q"))
+    folder = kill_midway(tmp_path, recipe, tmp_path / "k", (40, 4000), deadline=60)
     killed_at = last_step(folder)
     assert 0 < killed_at < LONG["train"]["steps"]
-
-    res = cli(tmp_path, "train", "--resume", str(folder), "-q")
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.strip().splitlines()[-1] == str(folder)
+    resume(tmp_path, folder)
     a = json.loads((ref_dir / R.SUMMARY).read_text())
     b = json.loads((folder / R.SUMMARY).read_text())
     for key in ("final", "steps", "episodes", "counts", "status"):
         assert a[key] == b[key], key
-    assert comparable(ref_dir) == comparable(folder)
+    assert comparable(ref_dir, VOLATILE) == comparable(folder, VOLATILE)
     assert torch.equal(R.load_weights(ref_dir / R.CHECKPOINTS / "last")["q"],
                        R.load_weights(folder / R.CHECKPOINTS / "last")["q"])
     times = [row["time"] for row in R.read_metrics(folder)]  # the run's clock goes on across the sittings

@@ -10,19 +10,16 @@ The plugin is a module written into a temporary folder, so the real CLI in a sub
 from __future__ import annotations
 
 import json
-import os
-import random
 import resource
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+import harness as H
 import numpy as np
 import pytest
 import yaml
-from conftest import REPO
+from harness import comparable, install, kill_midway, resume, run_dir
 
 from nnlab import run as R
 
@@ -163,8 +160,6 @@ RECIPE = {
     "train": {"max_steps": STEPS, "eval_every_steps": 50, "checkpoint_every": 10, "log_every": 10, "batch_size": 16,
               "precision": "fp32", "threads": 1, "tensorboard": False},
 }
-VOLATILE = ("time", "train_time", "perf/samples_per_s")
-RUNNER = "import plug_map, sys; from nnlab.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
 def capped() -> None:  # in the child, before it runs: the cap on what it may allocate
@@ -175,8 +170,7 @@ def capped() -> None:  # in the child, before it runs: the cap on what it may al
 def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(plugin folder, token file): the file is a cycle next = (5 * prev + 1) % 64 written in 64 MiB pieces,
     with every 8th token random, so a bigram model has something to learn."""
-    folder = tmp_path_factory.mktemp("plug_map")
-    (folder / "plug_map.py").write_text(PLUGIN)
+    folder = install(tmp_path_factory.mktemp("plug_map"), "plug_map", PLUGIN)
     path = folder / "tokens.bin"
     cycle = np.zeros(VOCAB, dtype=np.uint16)
     for i in range(1, VOCAB):
@@ -191,29 +185,15 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     path.unlink()
 
 
-def env(folder: Path) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{folder}", "OMP_NUM_THREADS": "1"}
-
-
 def cli(folder: Path, *args: str) -> subprocess.CompletedProcess:
     """The real CLI in a capped subprocess that imported the plugin first."""
-    return subprocess.run([sys.executable, "-c", RUNNER, *args], capture_output=True, text=True, env=env(folder),
-                          timeout=180, preexec_fn=capped)
+    return H.cli(folder, *args, timeout=180, preexec_fn=capped)
 
 
 def recipe(tmp_path: Path, path: Path) -> Path:
     f = tmp_path / "map.yaml"
     f.write_text(yaml.safe_dump({**RECIPE, "data": {**RECIPE["data"], "path": str(path)}}))
     return f
-
-
-def comparable(folder: Path) -> list[dict]:
-    return [{k: v for k, v in row.items() if k not in VOLATILE} for row in R.read_metrics(folder)]
-
-
-def last_step(folder: Path) -> int:
-    rows = R.read_metrics(folder)
-    return rows[-1]["step"] if rows else 0
 
 
 def test_the_cap_is_below_what_reading_the_file_needs(world: tuple[Path, Path]) -> None:
@@ -255,29 +235,9 @@ def test_a_memory_mapped_file_larger_than_the_cap_trains_evaluates_and_predicts(
 def test_sigkill_then_resume_matches_uninterrupted(world, tmp_path: Path) -> None:
     folder, path = world
     f = recipe(tmp_path, path)
-    ref = cli(folder, "train", str(f), "--out", str(tmp_path / "ref"), "-q")
-    assert ref.returncode == 0, ref.stderr
-    ref_dir = Path(ref.stdout.strip().splitlines()[-1])
-
-    proc = subprocess.Popen([sys.executable, "-c", RUNNER, "train", str(f), "--out", str(tmp_path / "k"), "-q"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(folder),
-                            preexec_fn=capped)
-    kill_after = random.Random().randint(15, STEPS // 2)
-    deadline = time.time() + 120
-    run = None
-    while time.time() < deadline and proc.poll() is None:
-        runs = list((tmp_path / "k").glob("map-*"))
-        if runs and (runs[0] / R.CHECKPOINTS / "last").exists() and last_step(runs[0]) >= kill_after:
-            run = runs[0]
-            break
-        time.sleep(0.002)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert run is not None and not (run / R.SUMMARY).exists()
-
-    res = cli(folder, "train", "--resume", str(run), "-q")
-    assert res.returncode == 0, res.stderr
+    ref_dir = run_dir(cli(folder, "train", str(f), "--out", str(tmp_path / "ref"), "-q"))
+    run = kill_midway(folder, f, tmp_path / "k", (15, STEPS // 2), preexec_fn=capped)
+    resume(folder, run, preexec_fn=capped)
     a, b = (json.loads((d / R.SUMMARY).read_text()) for d in (ref_dir, run))
     assert a["steps"] == b["steps"] == STEPS and a["final"] == b["final"] and a["best"] == b["best"]
     assert comparable(ref_dir) == comparable(run)

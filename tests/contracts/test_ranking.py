@@ -10,16 +10,13 @@ The plugin is a module written into a temporary folder, so the real CLI (and tor
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import REPO
+from harness import cli, plug
 from sklearn.metrics import average_precision_score
 
 import nnlab
@@ -216,7 +213,6 @@ if "plug_rank_ap" not in tasks:
     tasks.register("plug_rank_ap", config=RankTaskConfig)(lambda cfg, spec: RankAP(cfg, spec))
 '''
 
-RUNNER = "import sys\n\nimport plug_rank  # noqa: F401\nfrom nnlab.cli import main\n\nsys.exit(main(sys.argv[1:]))\n"
 EVAL_BATCH = 50
 RECIPE = {
     "name": "rank",
@@ -232,28 +228,12 @@ RECIPE = {
 @pytest.fixture(scope="module")
 def plugin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The plugin's folder (with runner.py, the CLI after importing it), importable here and in subprocesses."""
-    folder = tmp_path_factory.mktemp("plug_rank")
-    (folder / "plug_rank.py").write_text(PLUGIN)
-    (folder / "runner.py").write_text(RUNNER)
-    sys.path.insert(0, str(folder))
-    import plug_rank  # noqa: F401  (registers the family in this process)
-
-    yield folder
-    sys.path.remove(str(folder))
+    yield from plug(tmp_path_factory, "plug_rank", PLUGIN)
 
 
 @pytest.fixture(scope="module")
 def trained(plugin: Path, tmp_path_factory: pytest.TempPathFactory):
     return nnlab.train(RECIPE, out=tmp_path_factory.mktemp("rank_runs"), quiet=True, progress=False)
-
-
-def launch(plugin: Path, *args: str, procs: int = 1) -> subprocess.CompletedProcess:
-    """runner.py (the plugin, then the real CLI) in 1 process, or under torchrun with `procs` CPU processes."""
-    env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{plugin}", "OMP_NUM_THREADS": "1"}
-    head = [sys.executable] if procs == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                 f"--nproc_per_node={procs}"]
-    return subprocess.run([*head, str(plugin / "runner.py"), *args], capture_output=True, text=True, env=env,
-                          timeout=180)
 
 
 def summary(folder: str | Path) -> dict:
@@ -286,9 +266,9 @@ def split_pairs(run, split: str) -> tuple[np.ndarray, np.ndarray, int]:
 def test_two_processes_give_the_ap_of_one(plugin: Path, tmp_path: Path) -> None:
     recipe = tmp_path / "rank.yaml"
     recipe.write_text(yaml.safe_dump(RECIPE))
-    one = launch(plugin, "train", str(recipe), "--out", str(tmp_path / "one"), "-q")
+    one = cli(plugin, "train", str(recipe), "--out", str(tmp_path / "one"), "-q")
     assert one.returncode == 0, one.stderr
-    two = launch(plugin, "train", str(recipe), "--out", str(tmp_path / "two"), "-q", procs=2)
+    two = cli(plugin, "train", str(recipe), "--out", str(tmp_path / "two"), "-q", procs=2)
     assert two.returncode == 0, two.stderr
     assert len(list((tmp_path / "two").iterdir())) == 1  # rank 0 alone writes
     d1, d2 = one.stdout.strip().splitlines()[-1], two.stdout.strip().splitlines()[-1]
@@ -306,7 +286,7 @@ def test_two_processes_give_the_ap_of_one(plugin: Path, tmp_path: Path) -> None:
     assert evals2 == pytest.approx(evals1, abs=1e-6)
     assert len(set(evals1)) > 1  # the model learned something: AP moved
     # the distributed run's best checkpoint, re-evaluated by one process: the same AP as its summary
-    res = launch(plugin, "eval", d2, "--split", "test", "--json")
+    res = cli(plugin, "eval", d2, "--split", "test", "--json")
     assert res.returncode == 0, res.stderr
     again = json.loads(res.stdout)["metrics"]
     close(s2["final"], {f"test/{k}": v for k, v in again.items()})

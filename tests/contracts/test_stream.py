@@ -9,17 +9,11 @@ The plugin is a module written into a temporary folder, so the real CLI in a sub
 from __future__ import annotations
 
 import json
-import os
-import random
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
+from harness import cli, comparable, kill_midway, plug, resume, run_dir
 
 import nnlab
 from nnlab import run as R
@@ -159,39 +153,12 @@ RECIPE = {
     "train": {"max_steps": STEPS, "eval_every_steps": EVAL_EVERY, "checkpoint_every": 10, "log_every": 10,
               "batch_size": 32, "schedule": "constant", "precision": "fp32", "threads": 1, "tensorboard": False},
 }
-VOLATILE = ("time", "train_time", "perf/samples_per_s")
-RUNNER = "import plug_stream, sys; from nnlab.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
 @pytest.fixture(scope="module")
 def plugin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The plugin module's folder, importable here (sys.path) and in subprocesses (PYTHONPATH)."""
-    folder = tmp_path_factory.mktemp("plug_stream")
-    (folder / "plug_stream.py").write_text(PLUGIN)
-    sys.path.insert(0, str(folder))
-    import plug_stream  # noqa: F401  (registers the family in this process)
-
-    yield folder
-    sys.path.remove(str(folder))
-
-
-def env(plugin: Path) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{plugin}", "OMP_NUM_THREADS": "1"}
-
-
-def cli(plugin: Path, *args: str) -> subprocess.CompletedProcess:
-    """The real `nnlab` command line in a subprocess that imported the plugin first."""
-    return subprocess.run([sys.executable, "-c", RUNNER, *args], capture_output=True, text=True, env=env(plugin),
-                          timeout=120)
-
-
-def comparable(folder: Path) -> list[dict]:
-    return [{k: v for k, v in row.items() if k not in VOLATILE} for row in R.read_metrics(folder)]
-
-
-def last_step(folder: Path) -> int:
-    rows = R.read_metrics(folder)
-    return rows[-1]["step"] if rows else 0
+    yield from plug(tmp_path_factory, "plug_stream", PLUGIN)
 
 
 def test_a_stream_without_max_steps_is_a_clear_user_error(plugin: Path, tmp_path: Path, capsys) -> None:
@@ -247,33 +214,9 @@ def test_step_wise_run_keeps_the_lowest_loss_as_best(plugin: Path, tmp_path: Pat
 def test_sigkill_then_resume_matches_uninterrupted(plugin: Path, tmp_path: Path) -> None:
     recipe = tmp_path / "stream.yaml"
     recipe.write_text(yaml.safe_dump(RECIPE))
-    ref = cli(plugin, "train", str(recipe), "--out", str(tmp_path / "ref"), "-q")
-    assert ref.returncode == 0, ref.stderr
-    ref_dir = Path(ref.stdout.strip().splitlines()[-1])
-
-    proc = subprocess.Popen([sys.executable, "-c", RUNNER, "train", str(recipe), "--out", str(tmp_path / "k"), "-q"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(plugin))
-    kill_after = random.Random().randint(15, STEPS // 2)  # a different moment on every run of the suite
-    deadline = time.time() + 120
-    folder = None
-    while time.time() < deadline and proc.poll() is None:
-        runs = list((tmp_path / "k").glob("stream-*"))
-        if runs and (runs[0] / R.CHECKPOINTS / "last").exists() and last_step(runs[0]) >= kill_after:
-            folder = runs[0]
-            break
-        time.sleep(0.002)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert folder is not None and not (folder / R.SUMMARY).exists()  # really interrupted
-    for ckpt in (folder / R.CHECKPOINTS).glob("*"):  # every file present is complete
-        if not ckpt.name.endswith(".tmp"):
-            R.read_meta(ckpt)
-            R.load_weights(ckpt)
-
-    res = cli(plugin, "train", "--resume", str(folder), "-q")
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.strip().splitlines()[-1] == str(folder)
+    ref_dir = run_dir(cli(plugin, "train", str(recipe), "--out", str(tmp_path / "ref"), "-q"))
+    folder = kill_midway(plugin, recipe, tmp_path / "k", (15, STEPS // 2))
+    resume(plugin, folder)
     a = json.loads((ref_dir / R.SUMMARY).read_text())
     b = json.loads((folder / R.SUMMARY).read_text())
     assert a["steps"] == b["steps"] == STEPS

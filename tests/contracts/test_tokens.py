@@ -11,18 +11,13 @@ The plugin is a module written into a temporary folder, so the real CLI in a sub
 from __future__ import annotations
 
 import json
-import os
-import random
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import REPO
+from harness import cli, comparable, kill_midway, plug, resume, run_dir
 
 import nnlab
 from nnlab import run as R
@@ -225,39 +220,12 @@ RECIPE = {
               "tensorboard": False},
 }
 LONG = {**RECIPE, "train": {**RECIPE["train"], "epochs": 16, "checkpoint_every": 5}}  # 25 steps per epoch
-VOLATILE = ("time", "train_time", "perf/samples_per_s")
-RUNNER = "import plug_tokens, sys; from nnlab.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
 @pytest.fixture(scope="module")
 def plugin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The plugin module's folder, importable here (sys.path) and in subprocesses (PYTHONPATH)."""
-    folder = tmp_path_factory.mktemp("plug_tokens")
-    (folder / "plug_tokens.py").write_text(PLUGIN)
-    sys.path.insert(0, str(folder))
-    import plug_tokens  # noqa: F401  (registers the family in this process)
-
-    yield folder
-    sys.path.remove(str(folder))
-
-
-def env(plugin: Path) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{plugin}", "OMP_NUM_THREADS": "1"}
-
-
-def cli(plugin: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """The real `nnlab` command line in a subprocess that imported the plugin first."""
-    return subprocess.run([sys.executable, "-c", RUNNER, *args], capture_output=True, text=True, env=env(plugin),
-                          timeout=timeout)
-
-
-def comparable(folder: Path) -> list[dict]:
-    return [{k: v for k, v in row.items() if k not in VOLATILE} for row in R.read_metrics(folder)]
-
-
-def last_step(folder: Path) -> int:
-    rows = R.read_metrics(folder)
-    return rows[-1]["step"] if rows else 0
+    yield from plug(tmp_path_factory, "plug_tokens", PLUGIN)
 
 
 def padding(batches) -> float:
@@ -368,34 +336,10 @@ def test_text_family_trains_evaluates_and_predicts(plugin: Path, tmp_path: Path)
 def test_sigkill_then_resume_matches_uninterrupted(plugin: Path, tmp_path: Path) -> None:
     recipe = tmp_path / "tokens.yaml"
     recipe.write_text(yaml.safe_dump(LONG))
-    ref = cli(plugin, "train", str(recipe), "--out", str(tmp_path / "ref"), "-q")
-    assert ref.returncode == 0, ref.stderr
-    ref_dir = Path(ref.stdout.strip().splitlines()[-1])
+    ref_dir = run_dir(cli(plugin, "train", str(recipe), "--out", str(tmp_path / "ref"), "-q"))
     total = 16 * (400 // 16)
-
-    proc = subprocess.Popen([sys.executable, "-c", RUNNER, "train", str(recipe), "--out", str(tmp_path / "k"), "-q"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(plugin))
-    kill_after = random.Random().randint(10, total // 2)  # a different moment on every run of the suite
-    deadline = time.time() + 120
-    folder = None
-    while time.time() < deadline and proc.poll() is None:
-        runs = list((tmp_path / "k").glob("tokens-*"))
-        if runs and (runs[0] / R.CHECKPOINTS / "last").exists() and last_step(runs[0]) >= kill_after:
-            folder = runs[0]
-            break
-        time.sleep(0.002)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert folder is not None and not (folder / R.SUMMARY).exists()  # really interrupted
-    for ckpt in (folder / R.CHECKPOINTS).glob("*"):  # every file present is complete
-        if not ckpt.name.endswith(".tmp"):
-            R.read_meta(ckpt)
-            R.load_weights(ckpt)
-
-    res = cli(plugin, "train", "--resume", str(folder), "-q")
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.strip().splitlines()[-1] == str(folder)
+    folder = kill_midway(plugin, recipe, tmp_path / "k", (10, total // 2))
+    resume(plugin, folder)
     a = json.loads((ref_dir / R.SUMMARY).read_text())
     b = json.loads((folder / R.SUMMARY).read_text())
     assert a["steps"] == b["steps"] == total

@@ -12,16 +12,14 @@ The plugin is a module written into a temporary folder, so the real CLI (and tor
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import REPO, TINY
+from conftest import TINY
+from harness import cli, install
 
 from nnlab import run as R
 
@@ -129,46 +127,20 @@ if "plug_turns" not in tasks:
     tasks.register("plug_turns", config=TurnsConfig)(lambda cfg, spec: Turns(cfg, spec))
 '''
 
-RUNNER = """import sys
-
-import plug_players  # noqa: F401  (registers the model and the task)
-from nnlab.cli import main
-
-sys.exit(main(sys.argv[1:]))
-"""
-
 RECIPE = {**TINY, "name": "players", "model": {"name": "plug_halves", "hidden": 32},
           "task": {"name": "plug_turns"},
           "train": {**TINY["train"], "schedule": "constant", "epochs": 2, "batch_size": 32,
                     "precision": "fp32"}}
 
 
-def _env(tmp_path: Path) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{tmp_path}", "OMP_NUM_THREADS": "1"}
-
-
-def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    """The real CLI in one process, with the plugin imported first."""
-    code = "import plug_players, sys; from nnlab.cli import main; sys.exit(main(sys.argv[1:]))"
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=_env(tmp_path),
-                          timeout=300)
-
-
-def torchrun(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(tmp_path / "runner.py"), *args], capture_output=True, text=True, env=_env(tmp_path),
-                          timeout=300)
-
-
 def test_two_optimizers_under_torchrun_match_one_process(tmp_path: Path) -> None:
-    (tmp_path / "plug_players.py").write_text(PLUGIN)
-    (tmp_path / "runner.py").write_text(RUNNER)
+    install(tmp_path, "plug_players", PLUGIN)
     recipe = tmp_path / "players.yaml"
     recipe.write_text(yaml.safe_dump(RECIPE))
 
     one = cli(tmp_path, "train", str(recipe), "--out", str(tmp_path / "one"), "-q")
     assert one.returncode == 0, one.stderr
-    two = torchrun(tmp_path, "train", str(recipe), "--out", str(tmp_path / "two"), "-q")
+    two = cli(tmp_path, "train", str(recipe), "--out", str(tmp_path / "two"), "-q", procs=2)
     assert two.returncode == 0, two.stderr
     d1, d2 = Path(one.stdout.strip().splitlines()[-1]), Path(two.stdout.strip().splitlines()[-1])
     assert len(list((tmp_path / "two").iterdir())) == 1  # only rank 0 made a run folder
