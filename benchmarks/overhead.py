@@ -3,6 +3,7 @@
 Run from the repository root, alone on the machine (other load skews every number):
 
     NNLAB_DATA=../shared/data PYTHONPATH=src /tmp/benchvenv/bin/python benchmarks/overhead.py --steps 300
+    NNLAB_DATA=../shared/data PYTHONPATH=src .venv/bin/python benchmarks/overhead.py --only nnlab torch
 
 /tmp/benchvenv keeps Keras and Lightning out of the project venv (pin torch, or pip pulls a CUDA build):
 
@@ -13,7 +14,11 @@ Each framework trains recipe mnist-cnn's model (nnlab's `cnn`; in Keras the same
 BatchNorm, channels-first) on the 55,000 in-memory MNIST training images with the same batch, AdamW (lr,
 betas, decay on >=2-D weights), label smoothing, precision and threads. Each crops uint8 batches with
 nnlab.data.image.Augment (--crop-padding; default 0: none, as the issue asks), then ImageSpec.normalize.
-Throughput: images of steps warmup+1..steps / their wall time (no data decode or evaluation in it). CPU only.
+One process per framework; they train in lockstep (benchmarks/lockstep.py), taking turns of `--every` steps, so
+a slow spell of the machine falls on all alike. Throughput: images/s per turn after the warm-up turns (no data
+decode or evaluation in it); a run's ratio is the median over turns of the rates in the same turn;
+`--runs` runs of fresh processes (one process can be faster than an identical one all its life), their geometric
+mean. CPU only.
 """
 
 from __future__ import annotations
@@ -27,9 +32,8 @@ import importlib.util
 import json
 import logging
 import platform
-import statistics
+import sys
 import tempfile
-import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -45,6 +49,9 @@ from nnlab.config import Config, load_config
 from nnlab.data import datasets
 from nnlab.data.image import Augment, ImageSpec
 from nnlab.models import build
+
+sys.path.insert(0, str(Path(__file__).parent))
+from lockstep import Chunks, pause_nnlab_logs, runs  # noqa: E402
 
 FRAMEWORKS = ("nnlab", "torch", "keras", "lightning")  # torch: the hand-written loop, the reference
 LABELS = {"nnlab": "nnlab", "torch": "PyTorch loop", "keras": "Keras 3 (torch)", "lightning": "Lightning"}
@@ -76,40 +83,26 @@ class Setup:
     def loss(self, logits: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.task.label_smoothing)
 
-    def rate(self, stamps: list[float]) -> dict[str, float]:
-        """Images/s from the end of step `warmup` to the end of step `steps` (stamps: step end times)."""
-        a = self.args
-        assert len(stamps) == a.steps, f"expected {a.steps} steps, timed {len(stamps)}"
-        return {"images_per_s": (a.steps - a.warmup) * a.batch_size / (stamps[-1] - stamps[a.warmup - 1])}
 
-
-def run_nnlab(s: Setup) -> dict[str, float]:
-    """nnlab.train with log_every = warmup: the first perf/samples_per_s event covers exactly the warm-up
-    steps and is dropped; the later ones are combined, each weighted by the time it covers."""
+def run_nnlab(s: Setup) -> None:
+    """nnlab.train with log_every = --every, waiting after each log (off its clock)."""
     a = s.args
+    pause_nnlab_logs()
     train = {"max_steps": a.steps, "batch_size": a.batch_size, "precision": a.precision, "device": "cpu",
              "threads": a.threads, "eval_every": 0, "eval_every_steps": 0, "final_splits": [],
-             "tensorboard": False, "log_every": a.warmup, "checkpoint_every": 0}
+             "tensorboard": False, "log_every": a.every, "checkpoint_every": 0}
     with tempfile.TemporaryDirectory() as tmp:
-        folder = nnlab.train("mnist-cnn", out=tmp, quiet=True, progress=False,
-                             data={"crop_padding": a.crop_padding}, train=train)
-        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-        summary = json.loads((folder / "summary.json").read_text())
-    events = [(r["step"], r["perf/samples_per_s"]) for r in rows if "perf/samples_per_s" in r]
-    events = events[[step for step, _ in events].index(a.warmup):]
-    assert events[-1][0] == a.steps, events
-    spans = [(step - prev, rate) for (prev, _), (step, rate) in zip(events, events[1:], strict=False)]
-    images_per_s = sum(n for n, _ in spans) / sum(n / rate for n, rate in spans)  # images / seconds
-    return {"images_per_s": images_per_s, "summary_samples_per_s": summary["samples_per_s"]}
+        nnlab.train("mnist-cnn", out=tmp, quiet=True, progress=False, data={"crop_padding": a.crop_padding},
+                    train=train)
 
 
-def run_torch(s: Setup) -> dict[str, float]:
+def run_torch(s: Setup) -> None:
     """The reference: randperm batches of in-memory tensors, forward, cross-entropy, backward, step."""
-    a, model, gen, stamps = s.args, s.model(), torch.Generator().manual_seed(0), list[float]()
+    a, model, gen, clock = s.args, s.model(), torch.Generator().manual_seed(0), Chunks(s.args.every, s.args.batch_size)
     opt = s.adamw(model)  # a new module is in training mode
-    while len(stamps) < a.steps:
+    while clock.n < a.steps:
         order = torch.randperm(len(s.x), generator=gen)
-        for i in range(min(len(s.x) // a.batch_size, a.steps - len(stamps))):
+        for i in range(min(len(s.x) // a.batch_size, a.steps - clock.n)):
             idx = order[i * a.batch_size:(i + 1) * a.batch_size]
             x, y = s.prep(s.x[idx], gen), s.y[idx]
             with torch.autocast("cpu", torch.bfloat16) if a.precision == "bf16" else nullcontext():
@@ -117,11 +110,10 @@ def run_torch(s: Setup) -> dict[str, float]:
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            stamps.append(time.perf_counter())
-    return s.rate(stamps)
+            clock.tick()
 
 
-def run_keras(s: Setup) -> dict[str, float]:
+def run_keras(s: Setup) -> None:
     """model.fit on numpy arrays (cut to whole batches); the uint8 -> float prep is the first layer."""
     import keras
     from keras import layers as kl
@@ -129,7 +121,7 @@ def run_keras(s: Setup) -> dict[str, float]:
     a, m, t, cf = s.args, s.cfg.model, s.cfg.optim, "channels_first"
     keras.config.set_dtype_policy("mixed_bfloat16" if a.precision == "bf16" else "float32")
     keras.utils.set_random_seed(0)
-    gen, stamps = torch.Generator().manual_seed(0), list[float]()
+    gen, clock = torch.Generator().manual_seed(0), Chunks(a.every, a.batch_size)
 
     class Prep(kl.Layer):  # only ever called in training here
         def call(self, x: Tensor) -> Tensor:
@@ -140,8 +132,8 @@ def run_keras(s: Setup) -> dict[str, float]:
 
     class Clock(keras.callbacks.Callback):
         def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-            stamps.append(time.perf_counter())
-            self.model.stop_training = len(stamps) >= a.steps
+            clock.tick()
+            self.model.stop_training = clock.n >= a.steps
 
     net: list[Any] = [keras.Input(s.spec.input_shape, batch_size=a.batch_size, dtype="uint8"), Prep()]
     for width in m.channels:
@@ -161,15 +153,14 @@ def run_keras(s: Setup) -> dict[str, float]:
     y = F.one_hot(s.y[:n], s.spec.num_classes).float().numpy()  # the smoothed loss wants one-hot labels
     model.fit(s.x[:n].numpy(), y, batch_size=a.batch_size, epochs=a.steps // per_epoch + 1, shuffle=True,
               verbose=0, callbacks=[Clock()])
-    return s.rate(stamps)
 
 
-def run_lightning(s: Setup) -> dict[str, float]:
+def run_lightning(s: Setup) -> None:
     """Trainer.fit of a LightningModule around the same nn.Module; DataLoader over a TensorDataset."""
     import lightning as L
     from torch.utils.data import DataLoader, TensorDataset
 
-    a, gen, stamps = s.args, torch.Generator().manual_seed(0), list[float]()
+    a, gen, clock = s.args, torch.Generator().manual_seed(0), Chunks(s.args.every, s.args.batch_size)
 
     class Module(L.LightningModule):
         def __init__(self) -> None:
@@ -184,7 +175,7 @@ def run_lightning(s: Setup) -> dict[str, float]:
 
     class Clock(L.Callback):
         def on_train_batch_end(self, *args: Any) -> None:
-            stamps.append(time.perf_counter())
+            clock.tick()
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no "GPU available: False" lines
     warnings.filterwarnings("ignore", ".*(does not have many workers|LeafSpec).*")
@@ -195,51 +186,50 @@ def run_lightning(s: Setup) -> dict[str, float]:
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, limit_val_batches=0)
     trainer.fit(Module(), loader)
-    return s.rate(stamps)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps per run, warm-up included")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps per framework, warm-up included "
+                   "(within one epoch: 429 at batch 128)")
     p.add_argument("--warmup", type=int, default=50, help="first steps left out of the timing (>= 1)")
+    p.add_argument("--every", type=int, default=10, help="steps per turn (a multiple of it: --steps, --warmup)")
+    p.add_argument("--runs", type=int, default=3, help="lockstep runs of fresh processes (geometric mean)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--crop-padding", type=int, default=0, help="random-crop augmentation (0: none)")
     p.add_argument("--only", nargs="+", choices=FRAMEWORKS, default=list(FRAMEWORKS))
-    p.add_argument("--repeats", type=int, default=1, help="rounds over frameworks (order rotated); median")
     p.add_argument("--out", type=Path, default=Path("benchmarks/_out/overhead.json"))
+    p.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)  # one framework's process
     a = p.parse_args()
-    if not 1 <= a.warmup < a.steps:
-        p.error("need 1 <= --warmup < --steps")
+    if not 1 <= a.warmup < a.steps or a.steps % a.every or a.warmup % a.every:
+        p.error("need 1 <= --warmup < --steps, both multiples of --every")
     cfg = load_config("mnist-cnn", data={"crop_padding": a.crop_padding}, train={"batch_size": a.batch_size})
-    data = datasets["mnist"].factory(cfg.data)  # decoded once (nnlab.train reads the same cache)
-    s = Setup(a, cfg, data.spec, data.tensors["train"]["x"], data.tensors["train"]["y"])
+    if a.worker:
+        data = datasets["mnist"].factory(cfg.data)  # decoded once (nnlab.train reads the same cache)
+        s = Setup(a, cfg, data.spec, data.tensors["train"]["x"], data.tensors["train"]["y"])
+        if a.steps > len(s.x) // a.batch_size:  # nnlab would log (and turn) at the epoch's end too
+            sys.exit(f"--steps must be at most one epoch ({len(s.x) // a.batch_size} steps)")
+        torch.set_num_threads(a.threads)
+        {"nnlab": run_nnlab, "torch": run_torch, "keras": run_keras, "lightning": run_lightning}[a.worker](s)
+        return
     frameworks = [fw for fw in a.only if fw in ("nnlab", "torch") or importlib.util.find_spec(fw)]
     for fw in sorted(set(a.only) - set(frameworks)):
         print(f"skipping {fw}: not installed; `pip install {fw} torch=={torch.__version__.split('+')[0]}` "
               "(pin torch, or pip may replace it)")
-    runs: dict[str, list[dict[str, float]]] = {fw: [] for fw in frameworks}
-    runner = {"nnlab": run_nnlab, "torch": run_torch, "keras": run_keras, "lightning": run_lightning}
-    for r in range(a.repeats):  # interleaved, each round starting one framework later
-        k = r % max(len(frameworks), 1)
-        for fw in frameworks[k:] + frameworks[:k]:
-            torch.set_num_threads(a.threads)  # nnlab sets it too; reset in case a framework changed it
-            runs[fw].append(runner[fw](s))
-            print(f"round {r + 1}/{a.repeats} {fw}: {runs[fw][-1]['images_per_s']:.1f} images/s", flush=True)
-    med = {fw: statistics.median(x["images_per_s"] for x in rs) for fw, rs in runs.items()}
-    ref, ours = med.get("torch"), med.get("nnlab")
-    print(f"\n{a.steps} steps ({a.warmup} warm-up) x batch {a.batch_size}, {a.precision}, {a.threads} "
-          f"threads, crop_padding={a.crop_padding}, median of {a.repeats}\n\n"
-          "| framework | images/s | vs hand loop | nnlab / framework |\n|---|---:|---:|---:|")
-    for fw, v in med.items():
-        print(f"| {LABELS[fw]} | {v:,.0f} | {f'{v / ref:.2f}x' if ref else '-'} | "
-              f"{f'{ours / v:.2f}x' if ours else '-'} |")
+    workers = {fw: ([sys.executable, __file__, *sys.argv[1:], "--worker", fw], None) for fw in frameworks}
+    ref = "torch" if "torch" in workers else frameworks[0]
+    res = runs(workers, a.steps // a.every, a.warmup // a.every, a.runs, ref)
+    print(f"\n{a.steps} steps ({a.warmup} warm-up) x batch {a.batch_size}, {a.precision}, {a.threads} threads, "
+          f"crop_padding={a.crop_padding}, turns of {a.every} steps, {a.runs} runs\n\n"
+          f"| framework | images/s (median of runs) | vs {LABELS[ref]} (paired, geometric mean of runs) |\n"
+          "|---|---:|---:|")
+    for fw in frameworks:
+        print(f"| {LABELS[fw]} | {res['median'][fw]:,.0f} | {res['paired_ratio'][fw]:.3f}x |")
     report = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
               "versions": {m: __import__(m).__version__ for m in ("nnlab", "torch", *frameworks)},
-              "cpu": platform.processor() or platform.machine(), "median_images_per_s": med,
-              "ratio_vs_hand_loop": {fw: v / ref for fw, v in med.items()} if ref else {},
-              "ratio_nnlab_over": {fw: ours / v for fw, v in med.items()} if ours else {}, "runs": runs}
+              "cpu": platform.processor() or platform.machine(), "reference": ref, **res}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {a.out}")

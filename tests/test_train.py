@@ -254,6 +254,14 @@ def test_task_can_take_over_the_update(tmp_path) -> None:
     assert nnlab.resume(half, ("train.epochs=2",), quiet=True, progress=False).final == final
     with pytest.raises(UserError, match="accumulation does not apply"):
         nnlab.train(TINY, ["train.accumulate=2"], out=tmp_path / "c", quiet=True, progress=False, **sections)
+    # train.grad_clip applies under `update` too: at 1e-6 no player's weights get far from where they started
+    clipped = nnlab.train(TINY, ["train.grad_clip=1e-6"], out=tmp_path / "d", quiet=True, progress=False,
+                          **sections)
+    start = nnlab.train(TINY, ["train.max_steps=1", "train.grad_clip=1e-6"], out=tmp_path / "e", quiet=True,
+                        progress=False, **sections)
+    ends = [R.load_weights(run / R.CHECKPOINTS / "last") for run in (start, clipped, whole)]
+    moved = [max((w[k] - ends[0][k]).abs().max().item() for k in ends[0]) for w in ends[1:]]
+    assert moved[0] < 1e-3 < moved[1], moved
 
 
 def test_foundation_run_is_refused_with_both_versions(tmp_path) -> None:
