@@ -53,6 +53,10 @@ class Chunks:
             self.t0 = time.perf_counter()
 
 
+def rotated(names: list[str], k: int) -> list[str]:
+    return names[k % len(names):] + names[:k % len(names)]
+
+
 def alternate(workers: dict[str, tuple[list[str], dict[str, str] | None]], chunks: int,
               skip: int) -> dict[str, list[float]]:
     """Start every worker (command, environment), then let each run one chunk in turn (the first one rotating),
@@ -62,7 +66,7 @@ def alternate(workers: dict[str, tuple[list[str], dict[str, str] | None]], chunk
     names, rates = list(procs), {name: list[float]() for name in procs}
     try:
         for c in range(chunks):
-            for name in names[c % len(names):] + names[:c % len(names)]:
+            for name in rotated(names, c):
                 p = procs[name]
                 if c:
                     p.stdin.write("go\n")
@@ -95,8 +99,7 @@ def runs(workers: dict[str, tuple[list[str], dict[str, str] | None]], chunks: in
     compares processes as much as code: the geometric mean of the runs' paired ratios is the figure."""
     names, out = list(workers), list[dict[str, Any]]()
     for r in range(n):
-        order = names[r % len(names):] + names[:r % len(names)]
-        rates = alternate({k: workers[k] for k in order}, chunks, skip)
+        rates = alternate({k: workers[k] for k in rotated(names, r)}, chunks, skip)
         out.append({"turns": rates, "compare": compare(rates, ref)})
         print(f"run {r + 1}/{n}: " + ", ".join(f"{k} {v['median']:.1f} images/s ({v['paired_ratio']:.3f})"
                                                for k, v in out[-1]["compare"].items()), file=sys.stderr, flush=True)
@@ -105,16 +108,22 @@ def runs(workers: dict[str, tuple[list[str], dict[str, str] | None]], chunks: in
             "median": {k: statistics.median(o["compare"][k]["median"] for o in out) for k in names}}
 
 
-def main() -> None:
-    """Worker: `lockstep.py RECIPE STEPS EVERY [key=value ...]` trains with nnlab, pausing every EVERY steps."""
-    recipe, steps, every, *overrides = sys.argv[1:]
+def train_paused(recipe: str, steps: int, every: int, overrides: list[str]) -> None:
+    """Train `recipe` for `steps` steps with the nnlab on sys.path, timing only: no evaluation, checkpoint or
+    TensorBoard, a log (and a wait) every `every` steps, the run folder thrown away."""
     pause_nnlab_logs()
     import nnlab
 
     with tempfile.TemporaryDirectory() as tmp:
         nnlab.train(recipe, (*overrides, f"train.max_steps={steps}", f"train.log_every={every}", "train.eval_every=0",
-                             "train.final_splits=[]", "train.tensorboard=false", "train.checkpoint_every=0"),
-                    out=tmp, quiet=True, progress=False)
+                             "train.eval_every_steps=0", "train.final_splits=[]", "train.tensorboard=false",
+                             "train.checkpoint_every=0"), out=tmp, quiet=True, progress=False)
+
+
+def main() -> None:
+    """Worker: `lockstep.py RECIPE STEPS EVERY [key=value ...]`."""
+    recipe, steps, every, *overrides = sys.argv[1:]
+    train_paused(recipe, int(steps), int(every), overrides)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ import json
 import logging
 import platform
 import sys
-import tempfile
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -44,14 +43,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import nnlab
 from nnlab.config import Config, load_config
 from nnlab.data import datasets
 from nnlab.data.image import Augment, ImageSpec
 from nnlab.models import build
 
 sys.path.insert(0, str(Path(__file__).parent))
-from lockstep import Chunks, pause_nnlab_logs, runs  # noqa: E402
+from lockstep import Chunks, runs, train_paused  # noqa: E402
 
 FRAMEWORKS = ("nnlab", "torch", "keras", "lightning")  # torch: the hand-written loop, the reference
 LABELS = {"nnlab": "nnlab", "torch": "PyTorch loop", "keras": "Keras 3 (torch)", "lightning": "Lightning"}
@@ -85,15 +83,11 @@ class Setup:
 
 
 def run_nnlab(s: Setup) -> None:
-    """nnlab.train with log_every = --every, waiting after each log (off its clock)."""
+    """nnlab.train, waiting after each log of --every steps (off its clock)."""
     a = s.args
-    pause_nnlab_logs()
-    train = {"max_steps": a.steps, "batch_size": a.batch_size, "precision": a.precision, "device": "cpu",
-             "threads": a.threads, "eval_every": 0, "eval_every_steps": 0, "final_splits": [],
-             "tensorboard": False, "log_every": a.every, "checkpoint_every": 0}
-    with tempfile.TemporaryDirectory() as tmp:
-        nnlab.train("mnist-cnn", out=tmp, quiet=True, progress=False, data={"crop_padding": a.crop_padding},
-                    train=train)
+    train_paused("mnist-cnn", a.steps, a.every, [f"train.batch_size={a.batch_size}", f"train.precision={a.precision}",
+                                                 "train.device=cpu", f"train.threads={a.threads}",
+                                                 f"data.crop_padding={a.crop_padding}"])
 
 
 def run_torch(s: Setup) -> None:

@@ -1,6 +1,7 @@
 """Training throughput of a recipe from two source trees in the same run (before/after a change), in lockstep: one
 process per tree trains the recipe, and they take turns, `--every` steps each (benchmarks/lockstep.py), so both see
-the same machine; images/s per turn, the first `--skip` turns (start-up, warm-up) left out.
+the same machine; images/s per turn, the first `--skip` turns (start-up, warm-up) left out; `--runs` such runs of
+fresh processes, the geometric mean of their paired ratios (one process can be faster than an identical one).
 
     git worktree add /tmp/before <commit>
     NNLAB_DATA=../shared/data .venv/bin/python benchmarks/throughput.py cifar10-fast --trees /tmp/before . --steps 8
@@ -41,6 +42,7 @@ def main() -> None:
     print(json.dumps({"recipe": args.recipe, "steps": args.steps, "every": args.every, "overrides": overrides,
                       "median_before": res["median"][before], "median_after": res["median"][after],
                       "paired_ratio_after_before": res["paired_ratio"][after], "runs": res["runs"]}))
+
 
 if __name__ == "__main__":
     main()
