@@ -213,7 +213,7 @@ def test_compile_failure_falls_back_to_eager(tmp_path, monkeypatch, capsys) -> N
     assert json.loads((folder / R.SUMMARY).read_text())["final"]["test/acc"] > 0.5
 
 
-def test_task_can_take_over_the_update(tmp_path) -> None:
+def test_task_can_take_over_the_update(tmp_path, capsys) -> None:
     """A task with its own optimizers and `update` (as a GAN's alternating players): the loop schedules, logs,
     checkpoints both optimizers, and a resumed run ends where an uninterrupted one does; accumulation is refused."""
     from dataclasses import dataclass
@@ -254,6 +254,12 @@ def test_task_can_take_over_the_update(tmp_path) -> None:
     assert nnlab.resume(half, ("train.epochs=2",), quiet=True, progress=False).final == final
     with pytest.raises(UserError, match="accumulation does not apply"):
         nnlab.train(TINY, ["train.accumulate=2"], out=tmp_path / "c", quiet=True, progress=False, **sections)
+    recipe = tmp_path / "turns.yaml"
+    recipe.write_text(yaml.safe_dump({**TINY, **{k: TINY.get(k, {}) | v for k, v in sections.items()}}))
+    capsys.readouterr()
+    assert main(["train", str(recipe), "train.accumulate=2", "--out", str(tmp_path / "c"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "accumulation does not apply" in err and "set train.accumulate=1" in err and "Traceback" not in err
     # train.grad_clip applies under `update` too: at 1e-6 no player's weights get far from where they started
     clipped = nnlab.train(TINY, ["train.grad_clip=1e-6"], out=tmp_path / "d", quiet=True, progress=False,
                           **sections)
@@ -264,7 +270,7 @@ def test_task_can_take_over_the_update(tmp_path) -> None:
     assert moved[0] < 1e-3 < moved[1], moved
 
 
-def test_foundation_run_is_refused_with_both_versions(tmp_path) -> None:
+def test_foundation_run_is_refused_with_both_versions(tmp_path, capsys) -> None:
     """A run folder of format version 1 (no loop; optimizer fields in train) is refused with one message."""
     folder = tiny(tmp_path)
     cfg = yaml.safe_load((folder / R.CONFIG).read_text())
@@ -275,5 +281,9 @@ def test_foundation_run_is_refused_with_both_versions(tmp_path) -> None:
     for args in (["eval", str(folder)], ["train", "--resume", str(folder)], ["report", str(folder)]):
         with pytest.raises(UserError, match="version 1; this nnlab reads version 2"):
             main(["--debug", *args])
+        capsys.readouterr()
+        assert main(args) == 2, args  # the CLI: one line naming both versions, exit 2
+        err = capsys.readouterr().err
+        assert "version 1; this nnlab reads version 2" in err and "Traceback" not in err, err
     with pytest.raises(UserError, match="format version 1; this nnlab reads version 2"):
         nnlab.load_model(folder / R.CHECKPOINTS / "best")
