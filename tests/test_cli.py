@@ -10,7 +10,7 @@ from conftest import DATA, need_data, nnlab
 
 from nnlab.cli import main
 
-VERBS = ["recipes", "train", "eval", "predict", "runs", "report"]
+VERBS = ["recipes", "train", "eval", "predict", "runs", "report", "generate"]
 
 
 def test_help_is_fast_and_lists_verbs() -> None:

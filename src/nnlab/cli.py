@@ -14,7 +14,9 @@ from pathlib import Path
 EPILOG = "Run `nnlab COMMAND --help` for a command's options. Docs: README.md, docs/."
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(family: bool = False) -> argparse.ArgumentParser:
+    """The core verbs; with `family`, also the commands the families register (importing them needs torch,
+    so they are added only when asked for: `nnlab generate ...`, or the top-level help)."""
     p = argparse.ArgumentParser(prog="nnlab", description="Deep-learning workbench: train, evaluate, predict, "
                                 "compare and report, from recipes.", epilog=EPILOG)
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -62,11 +64,24 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("run", help="run folder")
     s.add_argument("overrides", nargs="*", help="dotted key=value overrides of the run's config")
     s.add_argument("--data-dir", help="folder holding the dataset folders (for the predictions grid)")
+    if family:
+        from .registry import commands
+
+        for name in commands.names():
+            entry = commands[name]
+            s = sub.add_parser(name, help=f"{entry.help[:1].lower()}{entry.help[1:].rstrip('.')} "
+                               f"(runs of task {', '.join(entry.meta['tasks'])})", description=entry.help)
+            s.add_argument("run", help="run folder")
+            s.add_argument("--checkpoint", default="best", choices=["best", "last"])
+            s.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | mps | auto (default: cpu)")
+            entry.meta["arguments"](s)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    first = next((a for a in argv if not a.startswith("-")), None)
+    parser = _parser(family=first not in COMMANDS if first else bool({"-h", "--help"} & set(argv)))
     args, extra = parser.parse_known_args(argv)
     if args.command in ("train", "eval", "report"):  # overrides may follow options: `nnlab train x -q train.epochs=3`
         args.overrides += [e for e in extra if "=" in e and not e.startswith("-")]
@@ -88,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import UserError
 
     try:
-        return COMMANDS[args.command](args) or 0
+        return COMMANDS.get(args.command, cmd_family)(args) or 0
     except UserError as e:
         if args.debug:
             raise
@@ -236,6 +251,22 @@ def cmd_report(args) -> int:
 
     print(load_run(args.run).report(tuple(args.data_override + args.overrides)))
     return 0
+
+
+def cmd_family(args) -> int:
+    """A family's command on a run of one of its tasks (registry.commands)."""
+    from .dist import pick_device
+    from .errors import UserError
+    from .infer import load_model
+    from .registry import commands
+
+    entry = commands[args.command]
+    loaded = load_model(args.run, args.checkpoint, str(pick_device(args.device)))
+    task = loaded.meta["config"]["task"]["name"]
+    if task not in entry.meta["tasks"]:
+        raise UserError(f"`nnlab {args.command}` takes a run of task {' or '.join(entry.meta['tasks'])}; "
+                        f"{args.run} is a run of task '{task}'")
+    return entry.factory(loaded, args)
 
 
 COMMANDS = {"recipes": cmd_recipes, "train": cmd_train, "eval": cmd_eval, "predict": cmd_predict,

@@ -4,6 +4,8 @@ processes, then turn them into metrics."""
 from __future__ import annotations
 
 import contextlib
+import functools
+import time
 from typing import Any
 
 import torch
@@ -20,8 +22,9 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto`: bf16 on GPUs that support it (else fp16), bf16 on CPUs with native bf16 matmul
-    (AVX512-BF16 / AMX: ~4x fp32 there), fp32 elsewhere (emulated bf16 is ~10x slower)."""
+    """`auto`: bf16 on GPUs that support it (else fp16); on a CPU, bf16 where oneDNN reports native bf16
+    (AVX512-BF16 / AMX) and a measured bf16 matmul is at least 1.2x the fp32 one (AMX: ~4x; some AVX512-BF16
+    machines run bf16 at half the fp32 rate), else fp32 (emulated bf16 is ~10x slower)."""
     if precision != "auto":
         return precision
     if device.type == "cuda":
@@ -29,8 +32,34 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if device.type == "cpu" and torch.backends.mkldnn.is_available():
         with contextlib.suppress(Exception):
             if torch.ops.mkldnn._is_mkldnn_bf16_supported():
-                return "bf16"
+                fast = matmul_flops(device, torch.bfloat16, 1024, 0.2) >= 1.2 * matmul_flops(device, torch.float32,
+                                                                                          1024, 0.2)
+                return "bf16" if fast else "fp32"
     return "fp32"
+
+
+@functools.cache
+def matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, seconds: float = 0.5) -> float:
+    """This machine's matmul peak (FLOP/s) at `dtype`: the best of repeated n x n matmuls (2n^3 FLOP each)
+    over about `seconds`, on the threads torch uses now. Measured once per process; the denominator of MFU."""
+    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(2):  # warm-up: thread pool, kernel selection
+        a @ b
+    sync()
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
+def peak_flops(device: torch.device, precision: str) -> float:
+    """The matmul peak at a run's precision (bf16/fp16 on a CPU on smaller matrices: it may be emulated)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    return matmul_flops(device, dtype, n=1024 if device.type == "cpu" and dtype != torch.float32 else 2048)
 
 
 @torch.no_grad()

@@ -1,5 +1,6 @@
 """Using a trained run: rebuild its model and task from a checkpoint alone, start a model from another run's
-weights (`init.from`), and `Run`, a run folder read, whose verbs go to the run's loop.
+weights (`init.from`), `Run`, a run folder read, whose verbs go to the run's loop, and those verbs for
+every task-based loop (`evaluate_run`, `predict_run`, `report_run`).
 
     run = nnlab.load_run("runs/mnist-cnn-..."); run.final; run.evaluate("test"); run.predict(["digit.png"])
     nnlab.load_model("runs/mnist-cnn-.../checkpoints/best").model
@@ -7,6 +8,7 @@ weights (`init.from`), and `Run`, a run folder read, whose verbs go to the run's
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -14,9 +16,14 @@ from typing import Any
 
 import torch
 
+from . import dist
 from . import run as R
+from .config import load_config
+from .data import datasets
 from .errors import UserError
+from .evaluate import evaluate, resolve_precision
 from .registry import loops
+from .report import write_report
 
 
 @dataclass
@@ -135,3 +142,65 @@ class Run:
 
 def load_run(path: str | Path) -> Run:
     return Run(path)
+
+
+# --- the verbs of a task-based loop (the supervised loop's evaluate, predict and report) -----------------
+def evaluate_run(run: Run, split: str = "test", which: str = "best", overrides: tuple[str, ...] = ()
+                 ) -> dict[str, Any]:
+    """Metrics of a run's checkpoint on a split of its dataset; `overrides` change the run's config for this
+    evaluation (e.g. `data.data_dir=...`, `task.tta=flip`, `train.eval_batch_size=500`)."""
+    cfg = load_config(run.config, overrides)
+    env = dist.Env(dist.pick_device(cfg.train.device))
+    loaded = load_model(run.path, which, str(env.device), task=cfg.task)
+    data = datasets[cfg.data.name].factory(cfg.data)
+    if split not in data.splits:
+        raise UserError(f"dataset '{cfg.data.name}' has no split '{split}'; it has: {', '.join(data.splits)}")
+    loader = data.loader(split, cfg.train.eval_batch_size, device=env.device)
+    precision = resolve_precision(cfg.train.precision, env.device)
+    metrics, stats = evaluate(loaded.model, loaded.task, loader, env, precision)
+    return {"run": str(run.path), "split": split, "checkpoint": which, "metrics": metrics,
+            "details": loaded.task.describe(stats)}
+
+def predict_run(run: Run | Path, inputs: list[str], which: str = "best", top: int = 1,
+                texts: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """The task's output for each raw input: files (images), or for text data the lines of each file
+    (`-`: standard input) and `texts`."""
+    if top < 1:
+        raise UserError(f"--top must be at least 1 (got {top})")
+    loaded = load_model(run.path if isinstance(run, Run) else run, which)
+    items = list(inputs)
+    if loaded.spec.inputs == "text":
+        items = list(texts) + [line for f in inputs for line in _lines(f)]
+    elif texts:
+        raise UserError("this run's model reads files, not --text; pass file paths")
+    if not items:
+        raise UserError("nothing to predict: pass inputs (or --text)")
+    rows = loaded.task.predict(loaded.model, items, top)
+    return [{"input": i, **row} for i, row in zip(items, rows, strict=True)]
+
+def report_run(run: Run, model: torch.nn.Module | None = None, task: Any = None, data: Any = None,
+               overrides: tuple[str, ...] = ()) -> Path:
+    """(Re)render report.md and the plots; without the model and data given, they are loaded when they can be."""
+    notes: list[str] = []
+    if task is None:
+        try:
+            loaded = load_model(run.path)
+            model, task = loaded.model, loaded.task
+            cfg = load_config(run.config, overrides)
+            data = datasets[cfg.data.name].factory(cfg.data)
+        except UserError as e:
+            notes = ["", f"(Sections that need the model or the data are missing: {e})"]
+            model = data = None
+    sections = task.report(run.path, run.summary, model, data) if task is not None else []
+    return write_report(run.path, notes + sections, ["loss", task.monitor if task is not None else "acc"])
+
+
+def _lines(f: str) -> list[str]:
+    if f == "-":
+        return [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    try:
+        return [line.rstrip("\n") for line in Path(f).read_text().splitlines() if line.strip()]
+    except FileNotFoundError:
+        raise UserError(f"{f}: no such file (to predict a text itself, use --text)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{f}: not a readable text file ({e.__class__.__name__})") from None

@@ -124,9 +124,10 @@ def sgd(model: nn.Module, cfg: SGDConfig) -> Optimizers:
 
 @optimizers.register("adamw", config=AdamWConfig)
 def adamw(model: nn.Module, cfg: AdamWConfig) -> Optimizers:
-    """AdamW (Loshchilov & Hutter 2019)."""
+    """AdamW (Loshchilov & Hutter 2019); the fused kernel on CPU and CUDA (one pass over all parameters)."""
     rest, _ = _groups(model, cfg, False)
-    return Optimizers([torch.optim.AdamW(rest, lr=cfg.lr, betas=tuple(cfg.betas))])
+    fused = all(p.device.type in ("cpu", "cuda") for g in rest for p in g["params"])
+    return Optimizers([torch.optim.AdamW(rest, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused)])
 
 
 @optimizers.register("muon", config=MuonConfig)

@@ -1,5 +1,6 @@
-"""One small registry of named factories, used for datasets, data specs, models, tasks, optimizers and loops
-(timm-style). Users register their own entries the same way: `nnlab.models.register("mynet", MyConfig)`."""
+"""One small registry of named factories, used for datasets, data specs, models, tasks, optimizers, loops and
+the CLI's family commands (timm-style). Users register their own entries the same way:
+`nnlab.models.register("mynet", MyConfig)`."""
 
 from __future__ import annotations
 
@@ -64,3 +65,6 @@ class Registry:
 
 # Training loops: the supervised loop (supervised.py) serves every task-based family; others (RL) own theirs.
 loops = Registry("loop", builtins=("nnlab.supervised",))
+# Commands a family adds to the CLI (`nnlab generate RUN`): an entry's factory is `(loaded_run, args) -> exit code`,
+# its meta `arguments(parser)` adds its options and `tasks` names the tasks whose runs it takes.
+commands = Registry("command", builtins=("nnlab.tasks",))

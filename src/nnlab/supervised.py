@@ -13,23 +13,21 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import dist
 from . import run as R
-from .config import Config, check, load_config
+from .config import Config, check
 from .data import datasets
 from .errors import Diverged, UserError
-from .evaluate import autocast, evaluate, resolve_precision
-from .infer import Run, init_from, load_model
-from .models import InitFromData, models
+from .evaluate import autocast, evaluate, peak_flops, resolve_precision
+from .infer import Run, evaluate_run, init_from, predict_run, report_run
+from .models import CountsFlops, InitFromData, models
 from .models import build as build_model
 from .optim import EMA, build_optimizer, optimizers, set_lr
 from .registry import loops
-from .report import write_report
 from .session import LoopConfig, Session
 from .tasks import build as build_task
 from .tasks import tasks
@@ -157,6 +155,7 @@ class Trainer:
         self.last_val: dict[str, float] = {}  # latest evaluation, shown at epoch ends
         self.evals: dict[tuple[str, bool], tuple[dict, dict]] = {}  # (split, final) -> (metrics, stats) at evals_step
         self.evals_step = -1
+        self.flops = self.peak = 0.0  # FLOPs per example (models that count them) and the machine's peak
 
     def eval_model(self) -> torch.nn.Module:
         return self.ema.model if self.ema else self.model
@@ -225,6 +224,9 @@ class Trainer:
         if t.compile:
             net = torch.compile(net)
         evaluating = self.eval_names and (t.eval_every or t.eval_every_steps)
+        # MFU: the model's FLOPs per example at the achieved rate over this machine's measured matmul peak
+        self.flops = flops = self.model.flops_per_sample() if isinstance(self.model, CountsFlops) else 0.0
+        self.peak = peak_flops(env.device, self.precision) * env.world if flops else 0.0
         session.progress.write(f"run {session.folder}: {self.cfg.model.name} on {self.cfg.data.name}, "
                                f"{sum(p.numel() for p in self.model.parameters()):,} parameters, "
                                f"{env.device.type} x{env.world}, {self.precision}")
@@ -273,6 +275,8 @@ class Trainer:
                     logged = {f"train/{k}": v.item() / since / env.world for k, v in sums.items()}
                     logged["train/lr"] = self.opt.param_groups[0]["lr"]
                     logged["perf/samples_per_s"] = since * t.batch_size / dt
+                    if flops:
+                        logged["perf/mfu"] = flops * logged["perf/samples_per_s"] / self.peak
                     session.tracker.log(state["step"], logged, epoch=epoch + (i + 1) / self.steps_per_epoch)
                     session.progress.update(since, logged)
                     sums, since, t_log = {}, 0, time.perf_counter()
@@ -361,6 +365,10 @@ class Trainer:
             logged |= {f"{split}/{k}": v for k, v in metrics.items()}
         self.session.tracker.log(state["step"], logged, epoch=state["step"] / self.steps_per_epoch,
                                  train_time=round(state["train_time"], 3))
+        if self.env.main:  # the task's files of this evaluation (text samples, sample grids)
+            model, was = self.eval_model(), self.eval_model().training
+            self.task.artifacts(model, self.session.folder, state["step"])
+            model.train(was)
         self.last_val = {k.replace("/", "_"): v for k, v in logged.items()
                          if k.split("/", 1)[1] in ("loss", self.task.monitor)}
         if self.monitor:
@@ -410,10 +418,12 @@ class Trainer:
                      "higher_is_better": self.higher} if self.monitor else None,
             "train_time_s": round(state["train_time"], 3),
             "samples_per_s": round(state["samples"] / max(state["train_time"], 1e-9), 1),
+            "mfu": round(self.flops * state["samples"] / max(state["train_time"], 1e-9) / self.peak, 4)
+            if self.flops else None,
             "params": sum(p.numel() for p in self.model.parameters()), "precision": self.precision,
             "task": self.task.summary(stats)})
         if env.main:
-            Supervised.report(Run(session.folder), self.eval_model(), self.task, self.data)
+            report_run(Run(session.folder), self.eval_model(), self.task, self.data)
             for k, v in final.items():
                 session.progress.write(f"{k} = {v:.4f}")
         return final
@@ -431,67 +441,6 @@ class Supervised:
     def train(cfg: Config, session: Session) -> dict[str, float]:
         return Trainer(cfg, session).run()
 
-    @staticmethod
-    def evaluate(run: Run, split: str = "test", which: str = "best", overrides: tuple[str, ...] = ()
-                 ) -> dict[str, Any]:
-        """Metrics of a run's checkpoint on a split of its dataset; `overrides` change the run's config for this
-        evaluation (e.g. `data.data_dir=...`, `task.tta=flip`, `train.eval_batch_size=500`)."""
-        cfg = load_config(run.config, overrides)
-        env = dist.Env(dist.pick_device(cfg.train.device))
-        loaded = load_model(run.path, which, str(env.device), task=cfg.task)
-        data = datasets[cfg.data.name].factory(cfg.data)
-        if split not in data.splits:
-            raise UserError(f"dataset '{cfg.data.name}' has no split '{split}'; it has: {', '.join(data.splits)}")
-        loader = data.loader(split, cfg.train.eval_batch_size, device=env.device)
-        metrics, stats = evaluate(loaded.model, loaded.task, loader, env, resolve_precision(cfg.train.precision,
-                                                                                            env.device))
-        return {"run": str(run.path), "split": split, "checkpoint": which, "metrics": metrics,
-                "details": loaded.task.describe(stats)}
-
-    @staticmethod
-    def predict(run: Run | Path, inputs: list[str], which: str = "best", top: int = 1, texts: tuple[str, ...] = ()
-                ) -> list[dict[str, Any]]:
-        """The task's output for each raw input: files (images), or for text data the lines of each file
-        (`-`: standard input) and `texts`."""
-        if top < 1:
-            raise UserError(f"--top must be at least 1 (got {top})")
-        loaded = load_model(run.path if isinstance(run, Run) else run, which)
-        items = list(inputs)
-        if loaded.spec.inputs == "text":
-            items = list(texts) + [line for f in inputs for line in _lines(f)]
-        elif texts:
-            raise UserError("this run's model reads files, not --text; pass file paths")
-        if not items:
-            raise UserError("nothing to predict: pass inputs (or --text)")
-        rows = loaded.task.predict(loaded.model, items, top)
-        return [{"input": i, **row} for i, row in zip(items, rows, strict=True)]
-
-    @staticmethod
-    def report(run: Run, model: torch.nn.Module | None = None, task: Any = None, data: Any = None,
-               overrides: tuple[str, ...] = ()) -> Path:
-        """(Re)render report.md and the plots; without the model and data given, they are loaded when they can be."""
-        notes: list[str] = []
-        if task is None:
-            try:
-                loaded = load_model(run.path)
-                model, task = loaded.model, loaded.task
-                cfg = load_config(run.config, overrides)
-                data = datasets[cfg.data.name].factory(cfg.data)
-            except UserError as e:
-                notes = ["", f"(Sections that need the model or the data are missing: {e})"]
-                model = data = None
-        sections = task.report(run.path, run.summary, model, data) if task is not None else []
-        return write_report(run.path, notes + sections, ["loss", task.monitor if task is not None else "acc"])
-
-
-def _lines(f: str) -> list[str]:
-    import sys
-
-    if f == "-":
-        return [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    try:
-        return [line.rstrip("\n") for line in Path(f).read_text().splitlines() if line.strip()]
-    except FileNotFoundError:
-        raise UserError(f"{f}: no such file (to predict a text itself, use --text)") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{f}: not a readable text file ({e.__class__.__name__})") from None
+    evaluate = staticmethod(evaluate_run)
+    predict = staticmethod(predict_run)
+    report = staticmethod(report_run)

@@ -17,7 +17,7 @@ from conftest import REPO
 
 from nnlab import run as R
 
-VOLATILE = ("time", "train_time", "perf/samples_per_s")  # metrics.jsonl fields that differ between sittings
+VOLATILE = ("time", "train_time", "perf/samples_per_s", "perf/mfu")  # metrics.jsonl fields that differ between sittings
 RUNNER = "import sys\n\nimport {module}  # noqa: F401\nfrom nnlab.cli import main\n\nsys.exit(main(sys.argv[1:]))\n"
 
 

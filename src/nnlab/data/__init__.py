@@ -225,4 +225,4 @@ class Windows:
             i += 1
 
 
-from . import image, vision  # noqa: E402,F401  (registers the image spec and datasets)
+from . import image, text, vision  # noqa: E402,F401  (registers the specs and datasets)

@@ -2,9 +2,10 @@
 `build(name, cfg, spec)` makes one.
 
 A factory takes its family's config dataclass and the data's `Spec`, and returns an `nn.Module`; its
-registration names an `example` spec, from which the registry tests draw inputs. Two optional model methods,
+registration names an `example` spec, from which the registry tests draw inputs. Optional model methods,
 typed as protocols: `init_from_data(batch)` (data-dependent initialisation, e.g. patch whitening; see
-`InitFromData`) and `param_groups()` (the model's own optimizer split; see `optim.HasParamGroups`).
+`InitFromData`), `param_groups()` (the model's own optimizer split; see `optim.HasParamGroups`) and
+`flops_per_sample()` (for MFU; see `CountsFlops`).
 """
 
 from __future__ import annotations
@@ -26,8 +27,14 @@ class InitFromData(Protocol):
     def init_from_data(self, batch: Any) -> None: ...
 
 
+@runtime_checkable
+class CountsFlops(Protocol):
+    def flops_per_sample(self) -> float:
+        """Training FLOPs (forward + backward) of one example: the loop logs `perf/mfu` from it."""
+
+
 def build(name: str, cfg: Any, spec: Any) -> nn.Module:
     return models[name].factory(cfg, spec)
 
 
-from . import cnn, fastnet, mlp, resnet  # noqa: E402,F401  (registers the families)
+from . import cnn, fastnet, gpt, mlp, resnet  # noqa: E402,F401  (registers the families)

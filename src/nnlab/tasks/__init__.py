@@ -54,6 +54,10 @@ class Task(Protocol):
         """A whole training step for a task with its own optimizers: forward, `stepper.backward(loss)`,
         `stepper.step(i)` (gradients averaged over processes, clipped, optimizer i stepped, its grads zeroed)."""
 
+    def artifacts(self, model: nn.Module, folder: Path, step: int) -> None:
+        """Files written after every evaluation during training (text samples, sample grids), on the main
+        process, with the weights just evaluated."""
+
     def predict(self, model: nn.Module, inputs: Sequence[str], top: int = 1) -> list[dict[str, Any]]:
         """One row per raw input (file path or text line): the task's output, or {"error": message}."""
 
@@ -81,6 +85,9 @@ class TaskBase:
     def update(self, model: nn.Module, batch: Any, opt: Any, stepper: Any) -> dict[str, Tensor]:
         raise NotImplementedError("a task that returns its own optimizers makes the update itself")
 
+    def artifacts(self, model: nn.Module, folder: Path, step: int) -> None:
+        return None
+
     def predict(self, model: nn.Module, inputs: Sequence[str], top: int = 1) -> list[dict[str, Any]]:
         raise UserError(f"the task '{type(self).__name__}' has no predict")
 
@@ -89,10 +96,10 @@ def build(cfg: Any, spec: Any) -> Task:
     task = tasks[cfg.name].factory(cfg, spec)
     if not isinstance(task, Task):
         names = ("monitor", "higher_is_better", "step", "eval_stats", "metrics", "describe", "summary", "report",
-                 "optimizers", "update", "predict")
+                 "optimizers", "update", "artifacts", "predict")
         missing = [m for m in names if not hasattr(task, m)]
         raise TypeError(f"task '{cfg.name}' lacks {', '.join(missing)} of the Task protocol (subclass TaskBase)")
     return task
 
 
-from . import classification  # noqa: E402,F401  (registers the tasks)
+from . import classification, lm  # noqa: E402,F401  (registers the tasks)

@@ -1,0 +1,274 @@
+"""Text as token streams for language models: tokenizers fitted on the training split (a run asset) and the
+corpora `tinyshakespeare` and `pystdlib`, tokenized once into memory-mapped files and sampled by step.
+
+Tokenizers (`tokenizer.json` in every checkpoint's assets/):
+- `char`: one id per character seen in the training split (nanoGPT's shakespeare-char has 65). A character
+  outside it cannot be encoded: `encode` drops it and reports which (a prompt says so, then goes on).
+- `bpe`: byte-level BPE trained on the training split with Hugging Face `tokenizers` (GPT-2's scheme: every
+  byte is in the alphabet, so nothing is ever unknown).
+
+Corpora (`TokenSpec.chars_per_token` is measured on the val split, so bits per character = nats per token /
+ln 2 / chars_per_token whatever the tokenizer):
+- `tinyshakespeare`: `input.txt` (1,115,394 characters); train = the first 90%, val = the last 10%, cut at
+  the same character as nanoGPT's `prepare.py`.
+- `pystdlib`: the Python standard library's own `.py` files, found through `sysconfig` (no download): every
+  file under `sysconfig.get_path("stdlib")` except `site-packages`/`dist-packages` and test folders (`test`,
+  `tests`, `idle_test`), read as UTF-8, in sorted relative-path order; every 10th file (index % 10 == 9) is
+  val. Files are joined with a blank line. CPython 3.11 ships 734 such files, 12.1 MB; another Python version
+  has another corpus (the spec records the version).
+
+A corpus is tokenized once per (text, tokenizer options) and cached under `<user cache>/decoded/` as
+`.npy` files read with `np.memmap`, so training only touches the windows it draws.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import sysconfig
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from ..config import check
+from ..errors import UserError
+from . import Batch, Spec, Windows, datasets, specs
+from .files import DECODED, atomic_write, cache_root, find_files, fix_hint
+
+TOKENIZER = "tokenizer.json"  # the asset's file name
+CACHE_VERSION = 1  # bump when tokenization changes, so no stale cache is read
+SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test"}
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+
+
+class CharTokenizer:
+    """Characters to ids by a fixed, sorted alphabet."""
+
+    def __init__(self, chars: str):
+        self.chars = chars
+        self.codes = np.array([ord(c) for c in chars], dtype=np.int64)  # sorted code points
+
+    @staticmethod
+    def fit(text: str) -> CharTokenizer:
+        return CharTokenizer("".join(sorted(set(text))))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> tuple[np.ndarray, str]:
+        """(ids, the distinct characters outside the alphabet, dropped)."""
+        cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
+        pos = np.searchsorted(self.codes, cps).clip(max=len(self.codes) - 1)
+        known = self.codes[pos] == cps
+        unknown = "".join(sorted({chr(c) for c in np.unique(cps[~known])})) if not known.all() else ""
+        return pos[known], unknown
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+    def to_json(self) -> str:
+        return json.dumps({"type": "char", "chars": self.chars})
+
+
+class BPETokenizer:
+    """Byte-level BPE (GPT-2's scheme) by Hugging Face `tokenizers`."""
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    @staticmethod
+    def fit(text: str, vocab_size: int) -> BPETokenizer:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      show_progress=False)
+        tok.train_from_iterator(_pieces(text), trainer=trainer)
+        return BPETokenizer(tok)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size()
+
+    def encode(self, text: str) -> tuple[np.ndarray, str]:
+        ids = [i for enc in self.tok.encode_batch(_pieces(text)) for i in enc.ids]
+        return np.array(ids, dtype=np.int64), ""
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids)
+
+    def to_json(self) -> str:
+        return self.tok.to_str()
+
+
+def _pieces(text: str, size: int = 1 << 16) -> list[str]:
+    """`text` cut into pieces of about `size` characters, each ending after a newline that a non-space follows,
+    so byte-level pre-tokenization (which never merges across such a boundary) gives the same tokens."""
+    out, start = [], 0
+    while start < len(text):
+        end = min(start + size, len(text))
+        while end < len(text) and not (text[end - 1] == "\n" and not text[end].isspace()):
+            end += 1
+        out.append(text[start:end])
+        start = end
+    return out
+
+
+def load_tokenizer(text: str) -> CharTokenizer | BPETokenizer:
+    doc = json.loads(text)
+    if doc.get("type") == "char":
+        return CharTokenizer(doc["chars"])
+    from tokenizers import Tokenizer
+
+    return BPETokenizer(Tokenizer.from_str(text))
+
+
+@specs.register("tokens")
+@dataclass(kw_only=True)
+class TokenSpec(Spec):
+    """A token stream: the tokenizer (asset), the vocabulary size and the context a model is trained on."""
+
+    kind: str = "tokens"
+    vocab_size: int
+    block_size: int  # tokens per training window: the model's context
+    tokenizer: str = "char"  # char | bpe
+    chars_per_token: float = 1.0  # measured on the val split (bits per character from nats per token)
+    corpus: str = ""  # what the stream is, for the report (e.g. "pystdlib of CPython 3.11.7, 12.1 MB")
+    inputs: ClassVar[str] = "text"
+
+    @cached_property
+    def tok(self) -> CharTokenizer | BPETokenizer:
+        if TOKENIZER not in self.assets:
+            raise UserError(f"the checkpoint has no assets/{TOKENIZER}: retrain the run")
+        return load_tokenizer(self.assets[TOKENIZER].decode())
+
+    def example(self, n: int) -> Batch:
+        x = torch.randint(0, self.vocab_size, (n, self.block_size + 1))
+        return Batch(x=x[:, :-1], y=x[:, 1:])
+
+
+@dataclass
+class CorpusConfig:
+    name: str = "tinyshakespeare"  # tinyshakespeare | pystdlib
+    data_dir: str | None = None  # folder holding <dataset>/<files>; searched before NNLAB_DATA and the cache
+    tokenizer: str = "char"  # char | bpe (byte-level BPE trained on the train split with HF tokenizers)
+    vocab_size: int = 1024  # bpe: the vocabulary to train (bytes + merges); char: ignored
+    block_size: int = 256  # tokens per training window (the model's context)
+    eval_windows: int = 0  # evaluate at most this many consecutive windows per split (0: the whole split)
+    download: bool = True  # fetch missing files into the user cache when the corpus has a public URL
+
+    def __post_init__(self) -> None:
+        check(self.tokenizer in ("char", "bpe"), "data.tokenizer", "must be char or bpe")
+        check(self.vocab_size >= 257, "data.vocab_size", "must be >= 257 (the 256 bytes and one merge)")
+        check(self.block_size >= 1, "data.block_size", "must be >= 1")
+        check(self.eval_windows >= 0, "data.eval_windows", "must be >= 0")
+
+
+class TokenData:
+    """Splits of one token stream, sampled by `Windows`."""
+
+    def __init__(self, cfg: CorpusConfig, name: str, texts: dict[str, str], corpus: str):
+        for split, text in texts.items():
+            if len(text.strip().splitlines()) < 2:
+                raise UserError(f"the {name} corpus' {split} split is empty or a single line ({len(text)} "
+                                f"characters): a language model needs a text of many lines")
+        self.cfg, self.splits = cfg, list(texts)
+        tok_json, self.tokens = _tokenized(cfg, name, texts)
+        chars_per_token = len(texts["val"]) / max(len(self.tokens["val"]), 1) if "val" in texts else 1.0
+        self.spec = TokenSpec(vocab_size=load_tokenizer(tok_json).vocab_size, block_size=cfg.block_size,
+                              tokenizer=cfg.tokenizer, chars_per_token=round(chars_per_token, 6), corpus=corpus)
+        self.spec.assets[TOKENIZER] = tok_json.encode()
+
+    def loader(self, split: str, batch_size: int, *, train: bool = False, seed: int = 0, rank: int = 0,
+               world: int = 1, device: torch.device | str = "cpu") -> Windows:
+        if split not in self.tokens:
+            raise UserError(f"there is no '{split}' split (the corpus has: {', '.join(self.splits)})")
+        return Windows(self.tokens[split], self.cfg.block_size, batch_size, train=train, seed=seed, rank=rank,
+                       world=world, device=device, eval_windows=0 if train else self.cfg.eval_windows)
+
+
+def _tokenized(cfg: CorpusConfig, name: str, texts: dict[str, str]) -> tuple[str, dict[str, np.ndarray]]:
+    """The tokenizer (fitted on the train split) and each split's ids as a memory-mapped array, from the cache
+    when this text was tokenized this way before."""
+    key = hashlib.sha256(json.dumps([CACHE_VERSION, cfg.tokenizer, cfg.vocab_size if cfg.tokenizer == "bpe" else 0,
+                                     {s: hashlib.sha256(t.encode()).hexdigest() for s, t in texts.items()}]
+                                    ).encode()).hexdigest()[:16]
+    folder = cache_root() / DECODED / f"{name}-{cfg.tokenizer}-{key}"
+    done = folder / "done.json"
+
+    def load() -> tuple[str, dict[str, np.ndarray]]:
+        return (folder / TOKENIZER).read_text(), {s: np.load(folder / f"{s}.npy", mmap_mode="r") for s in texts}
+
+    if done.exists():
+        try:
+            return load()
+        except (OSError, ValueError) as e:  # a damaged cache is rebuilt
+            print(f"warning: token cache {folder} is unreadable ({e}); rebuilding it", file=sys.stderr)
+            done.unlink(missing_ok=True)
+    train = texts["train"]
+    tok = CharTokenizer.fit(train) if cfg.tokenizer == "char" else BPETokenizer.fit(train, cfg.vocab_size)
+    dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
+    ids = {s: tok.encode(t)[0].astype(dtype) for s, t in texts.items()}
+    try:
+        atomic_write(folder / TOKENIZER, lambda p: p.write_text(tok.to_json()))
+        for s, a in ids.items():
+            atomic_write(folder / f"{s}.npy", lambda p, a=a: _save_npy(p, a))
+        atomic_write(done, lambda p: p.write_text(json.dumps({s: len(a) for s, a in ids.items()})))
+        return load()  # memory-mapped: training reads only the windows it draws
+    except OSError as e:  # a read-only cache: use the tokens in memory
+        print(f"warning: could not write the token cache {folder}: {e}", file=sys.stderr)
+        return tok.to_json(), ids
+
+
+def _save_npy(path: Path, a: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.save would add ".npy" to the temp file's name
+        np.save(f, a)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e}); {fix_hint(path)}") from None
+
+
+@datasets.register("tinyshakespeare", config=CorpusConfig)
+def tinyshakespeare(cfg: CorpusConfig) -> TokenData:
+    """Tiny Shakespeare (Karpathy's char-rnn), nanoGPT's 90/10 split."""
+    folder = find_files("tinyshakespeare", ["input.txt"], cfg.data_dir, urls={"input.txt": [SHAKESPEARE_URL]},
+                        download=cfg.download)
+    text = _read(folder / "input.txt")
+    cut = int(len(text) * 0.9)
+    return TokenData(cfg, "tinyshakespeare", {"train": text[:cut], "val": text[cut:]},
+                     f"tinyshakespeare, {len(text):,} characters")
+
+
+def stdlib_files(root: Path | None = None) -> list[Path]:
+    """The standard library's .py files, sorted by relative path, without site-packages and test folders."""
+    root = Path(root or sysconfig.get_path("stdlib"))
+    return sorted((p for p in root.rglob("*.py") if not SKIP_DIRS & set(p.relative_to(root).parts[:-1])),
+                  key=lambda p: p.relative_to(root).as_posix())
+
+
+@datasets.register("pystdlib", config=CorpusConfig)
+def pystdlib(cfg: CorpusConfig) -> TokenData:
+    """The Python standard library's own source (no download); every 10th file is val."""
+    files = stdlib_files()
+    if len(files) < 10:
+        raise UserError(f"found only {len(files)} standard-library files under {sysconfig.get_path('stdlib')}: "
+                        f"this Python installation has no stdlib sources to train on")
+    parts: dict[str, list[str]] = {"train": [], "val": []}
+    for i, f in enumerate(files):
+        parts["val" if i % 10 == 9 else "train"].append(f.read_text(encoding="utf-8", errors="replace"))
+    texts = {s: "\n\n".join(p) for s, p in parts.items()}
+    size = sum(len(t.encode()) for t in texts.values())
+    version = ".".join(map(str, sys.version_info[:3]))
+    return TokenData(cfg, "pystdlib", texts, f"pystdlib of CPython {version}: {len(files)} files, {size / 1e6:.1f} MB")
