@@ -9,8 +9,8 @@ temporary folder that is deleted afterwards. Its README's CPU command is run as 
 `--dtype=float32` (what its CPU path computes in anyway) and its own eval every 250 iterations.
 
 Then, in the same run:
-- nnlab trains the same model (the `shakespeare-baby` recipe; another batch, learning rate and step count are
-  allowed, the architecture is not) from `nnlab train` to its exit;
+- nnlab trains the same model (the `shakespeare-baby` recipe: another optimizer, batch, learning rate and step
+  count are allowed, the architecture is not) from `nnlab train` to its exit;
 - a plain PyTorch loop of the same model (nnlab's GPT module, AdamW, no evaluation) gives the tokens/s a hand
   loop reaches at nanoGPT's batch.
 
@@ -104,7 +104,8 @@ def val_loss(model, data_dir: Path) -> float:
 
     data = datasets["tinyshakespeare"].factory(datasets["tinyshakespeare"].config(data_dir=str(data_dir),
                                                                                 block_size=64))
-    metrics, _ = evaluate(model, LanguageModel(LMConfig(), data.spec), data.loader("val", 512), dist.Env())
+    metrics, _ = evaluate(model, LanguageModel(LMConfig(), data.spec), data.loader("val", 512),
+                          dist.Env(torch.device("cpu")))
     return metrics["loss"]
 
 
@@ -118,8 +119,12 @@ def run_nnlab(out: Path, overrides: list[str], data: Path) -> dict:
         raise SystemExit(f"nnlab failed:\n{res.stderr[-3000:]}")
     folder = Path(res.stdout.strip().splitlines()[-1])
     s = json.loads((folder / "summary.json").read_text())
+    import nnlab
+
     block = 64
-    return {"wall_s": wall, "val": s["final"]["val/loss"], "steps": s["steps"], "train_s": s["train_time_s"],
+    val = val_loss(nnlab.load_model(folder, "last").model, data)  # scored as nanoGPT's: the whole val split
+    return {"wall_s": wall, "val": val, "own_val": s["final"]["val/loss"], "steps": s["steps"],
+            "train_s": s["train_time_s"],
             "tokens_per_s": s["samples_per_s"] * block, "mfu": s["mfu"], "precision": s["precision"],
             "folder": str(folder)}
 
@@ -160,6 +165,7 @@ def main() -> None:
         tmp = Path(tmp)
         export_nanogpt(args.nanogpt, tmp / "nanogpt")
         nano = run_nanogpt(tmp / "nanogpt", args.data_dir)
+        print(f"nanoGPT: {nano['wall_s']:.1f} s, own val estimates {nano['evals']}", flush=True)
         nano_val = val_loss(nano_into_nnlab(nano["ckpt"]), args.data_dir)
         mine = run_nnlab(tmp / "runs", args.overrides, args.data_dir)
         plain = plain_loop()

@@ -126,16 +126,21 @@ def sgd(model: nn.Module, cfg: SGDConfig) -> Optimizers:
 def adamw(model: nn.Module, cfg: AdamWConfig) -> Optimizers:
     """AdamW (Loshchilov & Hutter 2019); the fused kernel on CPU and CUDA (one pass over all parameters)."""
     rest, _ = _groups(model, cfg, False)
-    fused = all(p.device.type in ("cpu", "cuda") for g in rest for p in g["params"])
-    return Optimizers([torch.optim.AdamW(rest, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused)])
+    return Optimizers([torch.optim.AdamW(rest, lr=cfg.lr, betas=tuple(cfg.betas), fused=_fusable(rest))])
+
+
+def _fusable(groups: list[dict]) -> bool:
+    """Whether torch has a fused AdamW kernel for these parameters' devices."""
+    return all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
 
 
 @optimizers.register("muon", config=MuonConfig)
 def muon(model: nn.Module, cfg: MuonConfig) -> Optimizers:
-    """Muon on the hidden >=2-D weights, Nesterov SGD on the rest (Jordan 2024)."""
+    """Muon on the hidden >=2-D weights, Nesterov SGD or AdamW on the rest (Jordan 2024)."""
     rest, hidden = _groups(model, cfg, True)
-    opts: list[torch.optim.Optimizer] = [torch.optim.SGD(rest, lr=cfg.lr, momentum=cfg.momentum,
-                                                         nesterov=cfg.nesterov)]
+    opts: list[torch.optim.Optimizer] = [
+        torch.optim.SGD(rest, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov) if cfg.rest == "sgd"
+        else torch.optim.AdamW(rest, lr=cfg.lr, betas=tuple(cfg.betas), fused=_fusable(rest))]
     if hidden:
         opts.append(Muon(hidden, lr=cfg.muon_lr, momentum=cfg.muon_momentum, nesterov=True, ns_steps=cfg.ns_steps,
                          normalize_weights=cfg.normalize))

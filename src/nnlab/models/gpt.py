@@ -149,6 +149,15 @@ class GPT(nn.Module):
         x = self.ln_f(x)
         return self.head(x) if self.head is not None else F.linear(x, self.wte.weight)
 
+    def param_groups(self) -> list[dict]:
+        """The blocks' matrices (Muon's, when the optimizer is muon), the other matrices (the embeddings, with
+        weight decay, as nanoGPT), and the norm gains and biases (no decay)."""
+        hidden = [p for p in self.blocks.parameters() if p.ndim == 2]
+        ids = {id(p) for p in hidden}
+        return [{"params": hidden, "optimizer": "muon"},
+                {"params": [p for p in self.parameters() if p.ndim == 2 and id(p) not in ids], "decay": True},
+                {"params": [p for p in self.parameters() if p.ndim < 2], "decay": False}]
+
     def flops_per_sample(self) -> float:
         """Training FLOPs of one window of `block_size` tokens: 6 per parameter per token (forward and
         backward of every matmul) plus attention's 12 * n_layer * n_embd * T per token (Kaplan et al. 2020;
