@@ -1,13 +1,16 @@
-"""Accuracy and speed of shipped recipes, end to end, as a user runs them.
+"""Results and speed of shipped recipes, end to end, as a user runs them.
 
 Each recipe is trained by the real command line in a fresh process (start-up, data loading, training,
 final evaluation and report included in the wall time), for one or more seeds; the script prints a
-Markdown table with test accuracy (mean over seeds), wall time, training throughput, and the training
-time until the evaluated accuracy first reached each `--reach` threshold (read from metrics.jsonl).
+Markdown table with the final metric (mean over seeds; `--metric`, default test/acc), wall time, training
+throughput, and the training time until the evaluated metric first reached each `--reach` threshold (read
+from metrics.jsonl; "reached" is >= for accuracies, <= for losses, as the run's summary says).
 
     NNLAB_DATA=../shared/data .venv/bin/python benchmarks/recipes.py digits-cnn digits-mlp
     NNLAB_DATA=../shared/data .venv/bin/python benchmarks/recipes.py mnist-cnn mnist-mlp --reach 0.99 \\
         --eval test      # time-to-99% needs an evaluation each epoch on the reported split
+    NNLAB_DATA=../shared/data .venv/bin/python benchmarks/recipes.py shakespeare-char --metric val/loss \\
+        --reach 1.7 1.6
 
 Extra arguments after `--` are passed to `nnlab train` as overrides (e.g. `-- train.epochs=3`).
 """
@@ -34,9 +37,9 @@ def train(recipe: str, seed: int, out: Path, overrides: list[str]) -> tuple[Path
     return Path(res.stdout.strip().splitlines()[-1]), wall
 
 
-def time_to(rows: list[dict], key: str, threshold: float) -> float | None:
+def time_to(rows: list[dict], key: str, threshold: float, higher: bool) -> float | None:
     for r in rows:
-        if r.get(key, -1) >= threshold and "train_time" in r:
+        if key in r and "train_time" in r and (r[key] >= threshold if higher else r[key] <= threshold):
             return r["train_time"]
     return None
 
@@ -45,7 +48,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipes", nargs="+")
     p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per recipe")
-    p.add_argument("--reach", type=float, nargs="*", default=[], help="accuracy thresholds for time-to-X")
+    p.add_argument("--metric", default="test/acc", help="final metric to report (default test/acc)")
+    p.add_argument("--reach", type=float, nargs="*", default=[], help="thresholds of the metric for time-to-X")
     p.add_argument("--eval", default=None, help="split evaluated every epoch (e.g. test, for time-to-X)")
     p.add_argument("--out", default=None, help="keep the runs here (default: a temporary folder)")
     args, overrides = p.parse_known_args()
@@ -60,16 +64,17 @@ def main() -> None:
             folder, wall = train(recipe, seed, out, overrides)
             s = json.loads((folder / "summary.json").read_text())
             metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-            split = args.eval or "test"
-            reach = {t: time_to(metrics, f"{split}/acc", t) for t in args.reach}
-            results.append({"seed": seed, "test_acc": s["final"].get("test/acc"), "wall_s": wall,
+            split, kind = args.metric.split("/", 1)
+            higher = (s.get("best") or {}).get("higher_is_better", kind == "acc")
+            reach = {t: time_to(metrics, f"{args.eval or split}/{kind}", t, higher) for t in args.reach}
+            results.append({"seed": seed, "value": s["final"].get(args.metric), "wall_s": wall,
                             "train_s": s["train_time_s"], "samples_per_s": s["samples_per_s"], "reach": reach,
                             "run": str(folder)})
             print(json.dumps({"recipe": recipe, **results[-1]}), file=sys.stderr)
-        accs = [r["test_acc"] for r in results]
-        rows.append((recipe, results, statistics.mean(accs), statistics.pstdev(accs)))
-    print("\n| recipe | seeds | test acc (mean ± sd) | wall s (mean) | train s | images/s |"
-          + "".join(f" time to {t:.0%} (s) |" for t in args.reach))
+        values = [r["value"] for r in results]
+        rows.append((recipe, results, statistics.mean(values), statistics.pstdev(values)))
+    print(f"\n| recipe | seeds | {args.metric} (mean ± sd) | wall s (mean) | train s | samples/s |"
+          + "".join(f" time to {t:g} (s) |" for t in args.reach))
     print("|---|---:|---:|---:|---:|---:|" + "---:|" * len(args.reach))
     for recipe, results, mean, sd in rows:
         reach = "".join(

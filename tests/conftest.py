@@ -60,8 +60,9 @@ def need_data(name: str, *files: str) -> Path:
     return DATA
 
 
-def nnlab(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run the real `nnlab` command line in a subprocess."""
+def nnlab(*args: str, env: dict | None = None, timeout: float = 300, input: str | None = None
+          ) -> subprocess.CompletedProcess:
+    """Run the real `nnlab` command line in a subprocess (`input`: its standard input)."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO / "src"), **(env or {})}
     return subprocess.run([sys.executable, "-m", "nnlab", *args], capture_output=True, text=True, env=full_env,
-                          timeout=timeout)
+                          timeout=timeout, input=input)

@@ -75,6 +75,7 @@ def test_sampling_filters() -> None:
     assert int(sample(logits, 0.0, 0, 1.0, g)) == 0  # temperature 0: greedy
     draws = {int(sample(logits, 1.0, 2, 1.0, g)) for _ in range(200)}
     assert draws == {0, 1}  # top-k 2
+    assert len({int(sample(logits, 1.0, 200, 1.0, g)) for _ in range(400)}) == 4  # k beyond the vocabulary: all
     draws = {int(sample(logits, 1.0, 0, 0.7, g)) for _ in range(200)}
     assert draws == {0, 1}  # nucleus: 0.5 + 0.3 reaches 0.7
     draws = {int(sample(logits, 1.0, 0, 0.4, g)) for _ in range(50)}
@@ -179,7 +180,7 @@ def test_generate_streams_and_is_seeded(lm_run: Path) -> None:
 
 
 @pytest.mark.parametrize("bad, message", [
-    (["--top-k", "100000"], "--top-k must be in [0,"),
+    (["--top-k", "-1"], "--top-k must be >= 0"),
     (["--top-p", "0"], "--top-p must be in (0, 1]"),
     (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),

@@ -3,11 +3,14 @@ names (so a token model gets token ids, an image model images of its own size)."
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
 from nnlab.config import section_from_dict
 from nnlab.data.image import ImageSpec
+from nnlab.data.text import TokenSpec
 from nnlab.models import InitFromData, build, models
 
 
@@ -20,11 +23,14 @@ def test_forward_backward(name: str) -> None:
     batch = spec.example(4)
     if isinstance(model, InitFromData):
         model.init_from_data(batch)
-    out = model(batch["x"])
+    args = inspect.signature(model.forward).parameters  # a model takes the batch's fields by name
+    out = model(**{k: batch[k] for k in args if k in batch})
     if isinstance(spec, ImageSpec):
         assert out.shape == (4, spec.num_classes)
-    else:  # a token model: next-token logits at every position
+    elif isinstance(spec, TokenSpec):  # next-token logits at every position
         assert out.shape == (*batch["x"].shape, spec.vocab_size)
+    else:  # sentence pairs: the next target token after each target position
+        assert out.shape == (*batch["tgt"].shape, spec.tgt_vocab_size)
     out.square().mean().backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)

@@ -367,7 +367,7 @@ class Trainer:
                                  train_time=round(state["train_time"], 3))
         if self.env.main:  # the task's files of this evaluation (text samples, sample grids)
             model, was = self.eval_model(), self.eval_model().training
-            self.task.artifacts(model, self.session.folder, state["step"])
+            self.task.artifacts(model, self.session.folder, state["step"], self.data)
             model.train(was)
         self.last_val = {k.replace("/", "_"): v for k, v in logged.items()
                          if k.split("/", 1)[1] in ("loss", self.task.monitor)}

@@ -189,8 +189,10 @@ def pad(seqs: Sequence[Tensor], value: int = 0) -> tuple[Tensor, Tensor]:
 class Windows:
     """Random windows of `block + 1` tokens from a 1-D token array (a `np.memmap` is read lazily: only the
     windows drawn are touched), sampled by step: batch i is a function of (seed, i) alone. Yields
-    `Batch(x=(B, block), y=(B, block))`, y shifted by one. For evaluation (`train=False`), the consecutive
-    non-overlapping windows from the start, at most `eval_windows` of them."""
+    `Batch(x=(B, block), y=(B, block))`, y shifted by one. For evaluation (`train=False`), every
+    non-overlapping window of the stream, or `eval_windows` of them spread evenly over it (a text's start is
+    not representative of the whole: the first 64k characters of shakespeare's val split score 0.08 nats
+    lower than all of it)."""
 
     def __init__(self, tokens: np.ndarray, block: int, batch_size: int, *, train: bool = True, seed: int = 0,
                  rank: int = 0, world: int = 1, device: torch.device | str = "cpu", eval_windows: int = 0):
@@ -199,8 +201,10 @@ class Windows:
         self.tokens, self.block, self.batch_size, self.train = tokens, block, batch_size, train
         self.seed, self.rank, self.world, self.device = seed, rank, world, torch.device(device)
         self.windows = (len(tokens) - 1) // block
-        if eval_windows:
-            self.windows = min(self.windows, eval_windows)
+        self.starts = np.arange(self.windows) * block  # evaluation windows: all, or evenly spread
+        if eval_windows and eval_windows < self.windows:
+            self.windows = eval_windows
+            self.starts = np.linspace(0, len(tokens) - block - 1, eval_windows).astype(np.int64)
 
     def __len__(self) -> int:
         return 0 if self.train else -(-self.windows // self.batch_size)
@@ -213,8 +217,7 @@ class Windows:
     def epoch(self, epoch: int = 0, start: int = 0) -> Iterator[Batch]:
         if not self.train:
             for i in range(start, len(self)):
-                first = i * self.batch_size
-                starts = np.arange(first, min(first + self.batch_size, self.windows)) * self.block
+                starts = self.starts[i * self.batch_size:(i + 1) * self.batch_size]
                 yield self._batch(starts).split(self.world)[self.rank]
             return
         i = start

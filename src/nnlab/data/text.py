@@ -23,10 +23,12 @@ A corpus is tokenized once per (text, tokenizer options) and cached under `<user
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import sys
 import sysconfig
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -37,8 +39,8 @@ import torch
 
 from ..config import check
 from ..errors import UserError
-from . import Batch, Spec, Windows, datasets, specs
-from .files import DECODED, atomic_write, cache_root, find_files, fix_hint
+from . import Batch, Loader, Spec, Windows, datasets, pad, specs
+from .files import CORRUPT, DECODED, atomic_write, cache_root, find_files, fix_hint
 
 TOKENIZER = "tokenizer.json"  # the asset's file name
 CACHE_VERSION = 1  # bump when tokenization changes, so no stale cache is read
@@ -83,14 +85,15 @@ class BPETokenizer:
         self.tok = tok
 
     @staticmethod
-    def fit(text: str, vocab_size: int) -> BPETokenizer:
+    def fit(text: str, vocab_size: int, specials: tuple[str, ...] = ()) -> BPETokenizer:
+        """Trained on `text`; `specials` (e.g. pad, BOS, EOS) take the first ids, in order."""
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                      show_progress=False)
+                                      special_tokens=list(specials), show_progress=False)
         tok.train_from_iterator(_pieces(text), trainer=trainer)
         return BPETokenizer(tok)
 
@@ -103,7 +106,10 @@ class BPETokenizer:
         return np.array(ids, dtype=np.int64), ""
 
     def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids)
+        return self.tok.decode(ids)  # special tokens are skipped
+
+    def encode_lines(self, lines: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(lines)]
 
     def to_json(self) -> str:
         return self.tok.to_str()
@@ -153,6 +159,64 @@ class TokenSpec(Spec):
     def example(self, n: int) -> Batch:
         x = torch.randint(0, self.vocab_size, (n, self.block_size + 1))
         return Batch(x=x[:, :-1], y=x[:, 1:])
+
+
+@specs.register("pairs")
+@dataclass(kw_only=True)
+class PairSpec(Spec):
+    """Sentence pairs for sequence-to-sequence models (translation): batches hold `src` (B, S) and `tgt`
+    (B, T) token ids, each sentence BOS ... EOS and padded with `pad_id`, and bool masks `src_mask`, `tgt_mask`
+    (True on real tokens). The tokenizers are assets: `src_tokenizer.json` and `tgt_tokenizer.json` (the same
+    bytes when `shared`, one vocabulary for both languages)."""
+
+    kind: str = "pairs"
+    src_vocab_size: int
+    tgt_vocab_size: int
+    max_len: int  # the longest sentence a model takes, in tokens with BOS and EOS
+    pad_id: int = 0
+    bos_id: int = 1
+    eos_id: int = 2
+    shared: bool = False  # one vocabulary for both sides (a model may then share its embeddings)
+    src_lang: str = "de"
+    tgt_lang: str = "en"
+    inputs: ClassVar[str] = "text"
+
+    @cached_property
+    def toks(self) -> dict[str, BPETokenizer]:
+        return {side: load_tokenizer(self.assets[f"{side}_tokenizer.json"].decode()) for side in ("src", "tgt")}
+
+    def ids(self, lines: list[str], side: str) -> list[torch.Tensor]:
+        """BOS ... EOS ids of each line, cut to `max_len`."""
+        body = self.max_len - 2
+        return [torch.tensor([self.bos_id, *ids[:body], self.eos_id]) for ids in self.toks[side].encode_lines(lines)]
+
+    def text(self, ids: list[int], side: str = "tgt") -> str:
+        return self.toks[side].decode(ids)
+
+    def encode(self, inputs: Sequence[str]) -> tuple[Batch | None, list[str | None]]:
+        """Source sentences as a padded batch; an empty line is an error row, a line longer than `max_len` tokens
+        is cut (the row says so)."""
+        lines = [line.strip() for line in inputs]
+        errors: list[str | None] = [None if line else "empty text: nothing to translate" for line in lines]
+        good = [line for line in lines if line]
+        if not good:
+            return None, errors
+        seqs = self.ids(good, "src")
+        src, mask = pad(seqs, self.pad_id)
+        return Batch(src=src, src_mask=mask), errors
+
+    def example(self, n: int) -> Batch:
+        def side(vocab: int, longest: int) -> tuple[torch.Tensor, torch.Tensor]:
+            lengths = torch.randint(3, longest + 1, (n,))
+            ids = torch.randint(3, vocab, (n, int(lengths.max())))
+            mask = torch.arange(ids.shape[1])[None] < lengths[:, None]
+            ids[:, 0] = self.bos_id
+            ids[torch.arange(n), lengths - 1] = self.eos_id
+            return ids.masked_fill(~mask, self.pad_id), mask
+
+        src, src_mask = side(self.src_vocab_size, min(self.max_len, 9))
+        tgt, tgt_mask = side(self.tgt_vocab_size, min(self.max_len, 7))
+        return Batch(src=src, src_mask=src_mask, tgt=tgt, tgt_mask=tgt_mask)
 
 
 @dataclass
@@ -272,3 +336,88 @@ def pystdlib(cfg: CorpusConfig) -> TokenData:
     size = sum(len(t.encode()) for t in texts.values())
     version = ".".join(map(str, sys.version_info[:3]))
     return TokenData(cfg, "pystdlib", texts, f"pystdlib of CPython {version}: {len(files)} files, {size / 1e6:.1f} MB")
+
+
+# --- sentence pairs (translation) -------------------------------------------------------------------------
+SPECIALS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2: PairSpec's pad_id, bos_id, eos_id
+MULTI30K_SPLITS = {"train": "train", "val": "val", "test": "test_2016_flickr"}  # the standard benchmark's files
+MULTI30K_URL = "https://raw.githubusercontent.com/multi30k/dataset/master/data/task1/raw/{}"
+
+
+@dataclass
+class PairsConfig:
+    name: str = "multi30k"
+    data_dir: str | None = None  # folder holding <dataset>/<files>; searched before NNLAB_DATA and the cache
+    src: str = "de"  # source language (multi30k: de or en)
+    tgt: str = "en"  # target language
+    vocab_size: int = 8000  # byte-level BPE vocabulary per tokenizer (trained on the train split)
+    shared: bool = True  # one tokenizer for both languages (lets a model share its embeddings)
+    max_len: int = 128  # tokens per sentence with BOS and EOS; longer ones are cut (multi30k's longest: ~90)
+    bucket: int = 50  # sort runs of this many batches by length before batching (0: off)
+    subset: int = 0  # use only the first N training pairs (0: all); the tokenizer is fitted on them
+    download: bool = True  # fetch missing files into the user cache from the official repository
+
+    def __post_init__(self) -> None:
+        check(self.src != self.tgt, "data.tgt", "must differ from data.src")
+        check(self.vocab_size >= 260, "data.vocab_size", "must be >= 260 (256 bytes, 3 special tokens, a merge)")
+        check(self.max_len >= 4, "data.max_len", "must be >= 4")
+        check(self.bucket >= 0 and self.subset >= 0, "data.bucket", "bucket and subset must be >= 0")
+
+
+class PairData:
+    """Aligned sentence pairs per split, as BOS ... EOS token ids; batches padded to their longest sentence,
+    from length-bucketed runs of examples (little padding)."""
+
+    def __init__(self, cfg: PairsConfig, texts: dict[str, tuple[list[str], list[str]]]):
+        self.cfg, self.splits, self.texts = cfg, list(texts), texts
+        src_train, tgt_train = texts["train"]
+        src_tok = BPETokenizer.fit("\n".join(src_train + tgt_train if cfg.shared else src_train), cfg.vocab_size,
+                                   SPECIALS)
+        tgt_tok = src_tok if cfg.shared else BPETokenizer.fit("\n".join(tgt_train), cfg.vocab_size, SPECIALS)
+        self.spec = PairSpec(src_vocab_size=src_tok.vocab_size, tgt_vocab_size=tgt_tok.vocab_size,
+                             max_len=cfg.max_len, shared=cfg.shared, src_lang=cfg.src, tgt_lang=cfg.tgt)
+        self.spec.assets = {"src_tokenizer.json": src_tok.to_json().encode(),
+                            "tgt_tokenizer.json": tgt_tok.to_json().encode()}
+        self.ids = {s: (self.spec.ids(src, "src"), self.spec.ids(tgt, "tgt")) for s, (src, tgt) in texts.items()}
+
+    def loader(self, split: str, batch_size: int, *, train: bool = False, seed: int = 0, rank: int = 0,
+               world: int = 1, device: torch.device | str = "cpu") -> Loader:
+        if split not in self.ids:
+            raise UserError(f"there is no '{split}' split (the data has: {', '.join(self.splits)})")
+        src, tgt = self.ids[split]
+
+        def make(idx: torch.Tensor, epoch: int, gen: torch.Generator) -> Batch:
+            rows = idx.cpu().tolist()
+            s, s_mask = pad([src[i] for i in rows], self.spec.pad_id)
+            t, t_mask = pad([tgt[i] for i in rows], self.spec.pad_id)
+            return Batch(src=s, src_mask=s_mask, tgt=t, tgt_mask=t_mask, index=idx.cpu()).to(device)
+
+        lengths = torch.tensor([max(len(a), len(b)) for a, b in zip(src, tgt, strict=True)])
+        return Loader(len(src), batch_size, make, shuffle=train, drop_last=train, seed=seed, rank=rank, world=world,
+                      device=device, lengths=lengths, bucket=self.cfg.bucket)
+
+
+@datasets.register("multi30k", config=PairsConfig)
+def multi30k(cfg: PairsConfig) -> PairData:
+    """Multi30k task 1 (German-English image captions): train 29,000 / val 1,014 / test2016 1,000 pairs."""
+    langs = (cfg.src, cfg.tgt)
+    check(set(langs) <= {"de", "en"}, "data.src", "multi30k has de and en (the fr/cs files are not used)")
+    names = [f"{f}.{lang}.gz" for f in MULTI30K_SPLITS.values() for lang in langs]
+    folder = find_files("multi30k", names, cfg.data_dir, urls={n: [MULTI30K_URL.format(n)] for n in names},
+                        download=cfg.download)
+    texts = {}
+    for split, f in MULTI30K_SPLITS.items():
+        src, tgt = (_gz_lines(folder / f"{f}.{lang}.gz") for lang in langs)
+        if len(src) != len(tgt):
+            raise UserError(f"{folder}/{f}.{cfg.src}.gz has {len(src)} lines but {f}.{cfg.tgt}.gz {len(tgt)}: the "
+                            f"files are not aligned; {fix_hint(folder / f'{f}.{cfg.src}.gz')}")
+        texts[split] = (src[:cfg.subset], tgt[:cfg.subset]) if split == "train" and cfg.subset else (src, tgt)
+    return PairData(cfg, texts)
+
+
+def _gz_lines(path: Path) -> list[str]:
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            return f.read().rstrip("\n").split("\n")
+    except (*CORRUPT, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not readable gzip'd UTF-8 text ({type(e).__name__}); {fix_hint(path)}") from None

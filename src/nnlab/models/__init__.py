@@ -33,8 +33,16 @@ class CountsFlops(Protocol):
         """Training FLOPs (forward + backward) of one example: the loop logs `perf/mfu` from it."""
 
 
+def gpt2_init(m: nn.Module) -> None:
+    """GPT-2's initialisation (for `module.apply`): weights of Linear and Embedding layers N(0, 0.02), biases 0."""
+    if isinstance(m, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(m.weight, mean=0.0, std=0.02)
+    if isinstance(m, nn.Linear) and m.bias is not None:
+        nn.init.zeros_(m.bias)
+
+
 def build(name: str, cfg: Any, spec: Any) -> nn.Module:
     return models[name].factory(cfg, spec)
 
 
-from . import cnn, fastnet, gpt, mlp, resnet  # noqa: E402,F401  (registers the families)
+from . import cnn, fastnet, gpt, mlp, resnet, transformer  # noqa: E402,F401  (registers the families)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..config import check
 from ..data.text import TokenSpec
-from . import models
+from . import gpt2_init, models
 
 
 @dataclass
@@ -118,27 +118,20 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.head = None if cfg.tie_weights else nn.Linear(cfg.n_embd, vocab_size, bias=False)
-        self.apply(self._init)
+        self.apply(gpt2_init)
         for name, p in self.named_parameters():  # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer)
             if name.endswith(("attn.proj.weight", "mlp.2.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
-    @staticmethod
-    def _init(m: nn.Module) -> None:
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, mean=0.0, std=0.02)
-        if isinstance(m, nn.Linear) and m.bias is not None:
-            nn.init.zeros_(m.bias)
-
-    def forward(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:
-        """Logits (B, T, vocab) of the next token after each of `idx` (B, T); with a cache, `idx` continues
-        the cached sequence (positions go on from `cache.length`)."""
-        B, T = idx.shape
+    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+        """Logits (B, T, vocab) of the next token after each of the ids `x` (B, T); with a cache, `x`
+        continues the cached sequence (positions go on from `cache.length`)."""
+        B, T = x.shape
         start = cache.length if cache is not None else 0
         if start + T > self.block_size:
             raise ValueError(f"a sequence of {start + T} tokens exceeds the context of {self.block_size}")
-        pos = torch.arange(start, start + T, device=idx.device)  # (T,)
-        x = self.wte(idx)  # (B, T, C)
+        pos = torch.arange(start, start + T, device=x.device)  # (T,)
+        x = self.wte(x)  # (B, T, C)
         if self.wpe is not None:
             x = x + self.wpe(pos)
         x = self.drop(x)

@@ -54,9 +54,9 @@ class Task(Protocol):
         """A whole training step for a task with its own optimizers: forward, `stepper.backward(loss)`,
         `stepper.step(i)` (gradients averaged over processes, clipped, optimizer i stepped, its grads zeroed)."""
 
-    def artifacts(self, model: nn.Module, folder: Path, step: int) -> None:
+    def artifacts(self, model: nn.Module, folder: Path, step: int, data: Any = None) -> None:
         """Files written after every evaluation during training (text samples, sample grids), on the main
-        process, with the weights just evaluated."""
+        process, with the weights just evaluated; `data` is the run's dataset (e.g. sentences to translate)."""
 
     def predict(self, model: nn.Module, inputs: Sequence[str], top: int = 1) -> list[dict[str, Any]]:
         """One row per raw input (file path or text line): the task's output, or {"error": message}."""
@@ -85,7 +85,7 @@ class TaskBase:
     def update(self, model: nn.Module, batch: Any, opt: Any, stepper: Any) -> dict[str, Tensor]:
         raise NotImplementedError("a task that returns its own optimizers makes the update itself")
 
-    def artifacts(self, model: nn.Module, folder: Path, step: int) -> None:
+    def artifacts(self, model: nn.Module, folder: Path, step: int, data: Any = None) -> None:
         return None
 
     def predict(self, model: nn.Module, inputs: Sequence[str], top: int = 1) -> list[dict[str, Any]]:
@@ -102,4 +102,4 @@ def build(cfg: Any, spec: Any) -> Task:
     return task
 
 
-from . import classification, lm  # noqa: E402,F401  (registers the tasks)
+from . import classification, lm, seq2seq  # noqa: E402,F401  (registers the tasks)

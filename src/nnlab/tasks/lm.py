@@ -109,7 +109,7 @@ class LanguageModel(TaskBase):
         return [{"text": "".join(self.stream(model, p, c.sample_tokens, c.temperature, c.top_k, seed=0))}
                 for p in inputs]
 
-    def artifacts(self, model: nn.Module, folder: Path, step: int) -> None:
+    def artifacts(self, model: nn.Module, folder: Path, step: int, data: Any = None) -> None:
         """`samples` texts from the current weights into samples/step-NNNNNN.txt."""
         c = self.cfg
         if not c.samples:
@@ -142,10 +142,11 @@ class LanguageModel(TaskBase):
 
 
 def check_sampling(max_new_tokens: int, top_k: int, top_p: float, vocab: int) -> None:
+    """Sampling settings a person may get wrong; a top-k of the vocabulary's size or more keeps every token."""
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
-    if not 0 <= top_k <= vocab:
-        raise UserError(f"--top-k must be in [0, {vocab}] (0: off; the vocabulary has {vocab} tokens), got {top_k}")
+    if top_k < 0:
+        raise UserError(f"--top-k must be >= 0 (0 or at least the vocabulary's {vocab} tokens: off), got {top_k}")
     if not 0 < top_p <= 1:
         raise UserError(f"--top-p must be in (0, 1] (1: off), got {top_p}")
 
