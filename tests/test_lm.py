@@ -209,3 +209,11 @@ def test_predict_and_eval_an_lm_run(lm_run: Path) -> None:
     metrics = json.loads(res.stdout)["metrics"]
     final = nl.load_run(lm_run).final
     assert metrics["loss"] == pytest.approx(final["val/loss"], rel=1e-6)
+
+
+def test_one_line_corpus_through_the_cli(tmp_path: Path) -> None:
+    (tmp_path / "tinyshakespeare").mkdir()
+    (tmp_path / "tinyshakespeare" / "input.txt").write_text("To be or not to be, that is the question." * 40)
+    res = nnlab("train", "shakespeare-baby", f"--data-dir={tmp_path}", "--out", str(tmp_path / "runs"), "-q")
+    assert res.returncode == 2 and "empty or a single line" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # no run folder left behind
