@@ -52,22 +52,22 @@ class Seq2Seq(TaskBase):
     def __init__(self, cfg: Seq2SeqConfig, spec):
         self.cfg, self.spec = cfg, spec
 
-    def logits(self, model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
-        """Teacher forcing: (logits (B, T-1, V) after each target prefix, the next tokens, their mask)."""
+    def logits(self, model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
+        """Teacher forcing: the logits (B*(T-1), V) after each target prefix and the next tokens (B*(T-1),),
+        -100 (cross-entropy's ignore_index) after the end. Flat and unmasked: gathering the real positions
+        would cost a scatter of the whole logit tensor in the backward pass."""
         tgt, mask = batch["tgt"], batch["tgt_mask"]
         out = model(batch["src"], batch["src_mask"], tgt[:, :-1], mask[:, :-1]).float()
-        return out, tgt[:, 1:], mask[:, 1:]
+        return out.flatten(0, 1), tgt[:, 1:].masked_fill(~mask[:, 1:], -100).flatten()
 
     def step(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
-        logits, y, mask = self.logits(model, batch)
-        loss = F.cross_entropy(logits[mask], y[mask], label_smoothing=self.cfg.label_smoothing)
-        return {"loss": loss}
+        logits, y = self.logits(model, batch)
+        return {"loss": F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)}
 
     def eval_stats(self, model: nn.Module, batch: Batch, final: bool = True) -> dict[str, Tensor | list]:
-        logits, y, mask = self.logits(model, batch)
-        stats: dict[str, Tensor | list] = {
-            "loss_sum": F.cross_entropy(logits[mask], y[mask], reduction="sum").double(),
-            "correct": (logits.argmax(-1)[mask] == y[mask]).sum(), "tokens": mask.sum()}
+        logits, y = self.logits(model, batch)
+        stats: dict[str, Tensor | list] = {"loss_sum": F.cross_entropy(logits, y, reduction="sum").double(),
+                                           "correct": (logits.argmax(-1) == y).sum(), "tokens": (y >= 0).sum()}
         if final:  # BLEU needs decoded text: only at the final evaluation (decoding is the slow part)
             stats["hyp"] = self.translate(model, batch["src"], batch["src_mask"])
             stats["ref"] = [self.spec.text(row[m].tolist()) for row, m in zip(batch["tgt"], batch["tgt_mask"],
