@@ -45,6 +45,7 @@ def _parser(family: bool = False) -> argparse.ArgumentParser:
     s.add_argument("--split", default="test", help="split to evaluate (default: test)")
     s.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint (default: best)")
     s.add_argument("--data-dir", help="folder holding the dataset folders")
+    s.add_argument("--episodes", type=int, help="episodes to play (runs that act in an environment)")
     s.add_argument("--json", action="store_true", help="print JSON")
 
     s = sub.add_parser("predict", help="run a trained model on raw inputs (image files, text lines)")
@@ -69,8 +70,10 @@ def _parser(family: bool = False) -> argparse.ArgumentParser:
 
         for name in commands.names():
             entry = commands[name]
-            s = sub.add_parser(name, help=f"{entry.help[:1].lower()}{entry.help[1:].rstrip('.')} "
-                               f"(runs of task {', '.join(entry.meta['tasks'])})", description=entry.help)
+            takes = f"task {', '.join(entry.meta['tasks'])}" if "tasks" in entry.meta else \
+                f"loop {', '.join(entry.meta['loops'])}"
+            s = sub.add_parser(name, help=f"{entry.help[:1].lower()}{entry.help[1:].rstrip('.')} (runs of {takes})",
+                               description=entry.help)
             s.add_argument("run", help="run folder")
             s.add_argument("--checkpoint", default="best", choices=["best", "last"])
             s.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | mps | auto (default: cpu)")
@@ -135,7 +138,8 @@ def cmd_recipes(args) -> int:
     for n in names:
         text = recipe_text(n)
         doc = yaml.safe_load(text) or {}
-        m, d = (doc.get("model") or {}).get("name", "?"), (doc.get("data") or {}).get("name", "?")
+        m = (doc.get("model") or doc.get("agent") or {}).get("name", "?")
+        d = (doc.get("data") or {}).get("name") or (doc.get("env") or {}).get("id", "?")
         first = text.splitlines()[0].lstrip("# ") if text.startswith("#") else ""
         print(f"{n:16s} {m:10s} {d:10s} {first}")
     return 0
@@ -169,9 +173,18 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from .errors import UserError
     from .infer import load_run
 
-    res = load_run(args.run).evaluate(args.split, args.checkpoint, tuple(args.data_override + args.overrides))
+    run, overrides = load_run(args.run), args.data_override + args.overrides
+    if args.episodes is not None:
+        if "eval_episodes" not in (run.config.get("train") or {}):
+            raise UserError(f"--episodes is for runs that act in an environment; {run} is a run of loop "
+                            f"'{run.config.get('loop')}'")
+        if args.episodes <= 0:
+            raise UserError(f"--episodes must be at least 1 (got {args.episodes})")
+        overrides.append(f"train.eval_episodes={args.episodes}")
+    res = run.evaluate(args.split, args.checkpoint, tuple(overrides))
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
@@ -220,11 +233,12 @@ def cmd_runs(args) -> int:
         best = s.get("best") or {}
         metric = best.get("metric") or next(iter(final), "")
         test = f"test/{metric.split('/', 1)[-1]}" if metric else ""
-        rows.append({"run": path.name, "loop": cfg.get("loop"), "model": (cfg.get("model") or {}).get("name"),
-                     "data": (cfg.get("data") or {}).get("name"), "status": s.get("status", "incomplete"),
-                     "steps": s.get("steps"), "metric": metric or None, "best": best.get("value"),
-                     "test": final.get(test), "time_s": s.get("wall_time_s"), "samples/s": s.get("samples_per_s"),
-                     "final": final})
+        rows.append({"run": path.name, "loop": cfg.get("loop"),
+                     "model": (cfg.get("model") or cfg.get("agent") or {}).get("name"),
+                     "data": (cfg.get("data") or {}).get("name") or (cfg.get("env") or {}).get("id"),
+                     "status": s.get("status", "incomplete"), "steps": s.get("steps"), "metric": metric or None,
+                     "best": best.get("value"), "test": final.get(test), "time_s": s.get("wall_time_s"),
+                     "samples/s": s.get("samples_per_s") or s.get("env_steps_per_s"), "final": final})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -261,6 +275,20 @@ def cmd_family(args) -> int:
     from .registry import commands
 
     entry = commands[args.command]
+    if "loops" in entry.meta:
+        from .infer import load_run
+
+        run = load_run(args.run)
+        if run.config.get("loop") not in entry.meta["loops"]:
+            raise UserError(f"`nnlab {args.command}` takes a run of loop {' or '.join(entry.meta['loops'])}; "
+                            f"{args.run} is a run of loop '{run.config.get('loop')}'")
+        return entry.factory(run, args)
+    from .run import check_run, read_config
+
+    config = read_config(check_run(args.run))
+    if "task" not in config:
+        raise UserError(f"`nnlab {args.command}` takes a run of task {' or '.join(entry.meta['tasks'])}; "
+                        f"{args.run} is a run of loop '{config.get('loop')}'")
     loaded = load_model(args.run, args.checkpoint, str(pick_device(args.device)))
     task = loaded.meta["config"]["task"]["name"]
     if task not in entry.meta["tasks"]:

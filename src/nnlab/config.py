@@ -109,6 +109,10 @@ def _schema(user: DictConfig, loop: Any) -> DictConfig:
         sections[section] = OmegaConf.merge(OmegaConf.structured(kind[str(name)].config), {"name": name})
     schema = OmegaConf.create(sections)
     OmegaConf.set_struct(schema, True)
+    for node in schema.values():  # a field typed dict[str, Any] (env.kwargs) is a free-form map: any keys
+        for value in node.values() if isinstance(node, DictConfig) else ():
+            if isinstance(value, DictConfig) and value._metadata.object_type is dict:
+                OmegaConf.set_struct(value, False)
     return schema
 
 

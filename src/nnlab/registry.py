@@ -64,7 +64,8 @@ class Registry:
 
 
 # Training loops: the supervised loop (supervised.py) serves every task-based family; others (RL) own theirs.
-loops = Registry("loop", builtins=("nnlab.supervised",))
-# Commands a family adds to the CLI (`nnlab generate RUN`): an entry's factory is `(loaded_run, args) -> exit code`,
-# its meta `arguments(parser)` adds its options and `tasks` names the tasks whose runs it takes.
-commands = Registry("command", builtins=("nnlab.tasks",))
+loops = Registry("loop", builtins=("nnlab.supervised", "nnlab.rl.loop"))
+# Commands a family adds to the CLI (`nnlab generate RUN`): an entry's meta `arguments(parser)` adds its options, and
+# either `tasks` names the tasks whose runs it takes (its factory: `(loaded model, args) -> exit code`) or `loops`
+# the loops (`nnlab play RUN`; its factory: `(Run, args) -> exit code`).
+commands = Registry("command", builtins=("nnlab.tasks", "nnlab.rl.loop"))
