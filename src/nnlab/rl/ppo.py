@@ -191,7 +191,7 @@ class PPO:
     def __init__(self, cfg: PPOConfig, info, train, device):
         self.cfg, self.info, self.train, self.device = cfg, info, train, device
         self.net = ActorCritic(info, cfg).to(device)
-        self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, eps=1e-5)
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, eps=1e-5, fused=True)
         self.ret_acc: Tensor | None = None  # running discounted return per copy (reward normalisation)
         self.ret_stats = torch.tensor([0.0, 1.0, 1e-4], dtype=torch.float64)  # mean, var, count
 
