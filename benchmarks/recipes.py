@@ -11,6 +11,8 @@ from metrics.jsonl; "reached" is >= for accuracies, <= for losses, as the run's 
         --eval test      # time-to-99% needs an evaluation each epoch on the reported split
     NNLAB_DATA=../shared/data .venv/bin/python benchmarks/recipes.py shakespeare-char --metric val/loss \\
         --reach 1.7 1.6
+    .venv/bin/python benchmarks/recipes.py frozenlake-qlearning taxi-sarsa --metric test/return --seeds 5
+                         # RL: samples/s is env steps/s; time-to-X reads the val evaluations
 
 Extra arguments after `--` are passed to `nnlab train` as overrides (e.g. `-- train.epochs=3`).
 """
@@ -65,11 +67,11 @@ def main() -> None:
             s = json.loads((folder / "summary.json").read_text())
             metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
             split, kind = args.metric.split("/", 1)
-            higher = (s.get("best") or {}).get("higher_is_better", kind == "acc")
+            higher = (s.get("best") or {}).get("higher_is_better", kind in ("acc", "return", "success"))
             reach = {t: time_to(metrics, f"{args.eval or split}/{kind}", t, higher) for t in args.reach}
+            speed = s.get("samples_per_s") or s.get("env_steps_per_s")  # RL runs count env steps
             results.append({"seed": seed, "value": s["final"].get(args.metric), "wall_s": wall,
-                            "train_s": s["train_time_s"], "samples_per_s": s["samples_per_s"], "reach": reach,
-                            "run": str(folder)})
+                            "train_s": s["train_time_s"], "samples_per_s": speed, "reach": reach, "run": str(folder)})
             print(json.dumps({"recipe": recipe, **results[-1]}), file=sys.stderr)
         values = [r["value"] for r in results]
         rows.append((recipe, results, statistics.mean(values), statistics.pstdev(values)))

@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/rl_sb3.py --algo both --seeds 5 --out /tmp/rl-bench
     .venv/bin/python benchmarks/rl_sb3.py --algo dqn --quick        # smoke test: 3000 steps, 1 seed
+    .venv/bin/python benchmarks/rl_sb3.py --same --seeds 1          # both sides with the zoo's settings, whole budget
 
 For each algorithm and seed 0..N-1, one fresh process per run (the two sides alternate which goes first):
 - nnlab: `nnlab.train("cartpole-<algo>", train={"seed": s})`, which evaluates every `train.eval_every` env steps
@@ -32,16 +33,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import line, measure  # noqa: E402
 
 QUICK = {"steps": 3000, "eval_every": 1500, "episodes": 5}
+# --same: nnlab with the zoo's own hyperparameters for the whole budget, for throughput at equal work
+SAME = {"dqn": ["agent.hidden=[256,256]", "agent.n_step=1", "agent.train_freq=256", "agent.gradient_steps=128",
+                "train.stop_at_target=false"],
+        "ppo": ["agent.n_steps=32", "agent.n_epochs=20", "agent.lr=1e-3", "train.stop_at_target=false"]}
 TARGET = 475.0
 
 
-def run_nnlab(algo: str, seed: int, out: Path, quick: bool) -> dict:
+def run_nnlab(algo: str, seed: int, out: Path, quick: bool, same: bool = False) -> dict:
     import nnlab
 
     keys = ("steps", "eval_every", "eval_episodes")
-    overrides = [f"train.{k}={v}" for k, v in zip(keys, QUICK.values(), strict=True)]
-    run = nnlab.train(f"cartpole-{algo}", overrides if quick else [], train={"seed": seed}, out=out, quiet=True,
-                      progress=False)
+    overrides = [f"train.{k}={v}" for k, v in zip(keys, QUICK.values(), strict=True)] if quick else []
+    run = nnlab.train(f"cartpole-{algo}", overrides + (SAME[algo] if same else []), train={"seed": seed}, out=out,
+                      quiet=True, progress=False)
     s, solved = run.summary, run.summary["solved"]
     return {"solved": solved is not None, "solved_step": solved and solved["step"],
             "solved_train_s": solved and solved["train_time_s"], "steps": s["steps"], "train_s": s["train_time_s"],
@@ -114,17 +119,18 @@ def run_sb3(algo: str, seed: int, quick: bool) -> dict:
             "env_steps_per_s": round(model.num_timesteps / train_s, 1)}
 
 
-def worker(side: str, algo: str, seed: int, out: Path, quick: bool) -> None:
+def worker(side: str, algo: str, seed: int, out: Path, quick: bool, same: bool) -> None:
     t0 = time.perf_counter()
-    res = run_nnlab(algo, seed, out, quick) if side == "nnlab" else run_sb3(algo, seed, quick)
+    res = run_nnlab(algo, seed, out, quick, same) if side == "nnlab" else run_sb3(algo, seed, quick)
     print(json.dumps({**res, "worker_s": round(time.perf_counter() - t0, 3)}))
 
 
-def launch(side: str, algo: str, seed: int, out: Path, quick: bool) -> dict:
+def launch(side: str, algo: str, seed: int, out: Path, quick: bool, same: bool) -> dict:
     """One run in a fresh process; its result is the last line of its stdout."""
     cmd = [sys.executable, __file__, "--worker", side, "--algo", algo, "--seed", str(seed), "--out", str(out)]
     t0 = time.perf_counter()
-    res = subprocess.run(cmd + (["--quick"] if quick else []), capture_output=True, text=True)
+    res = subprocess.run(cmd + (["--quick"] if quick else []) + (["--same"] if same else []), capture_output=True,
+                         text=True)
     wall = time.perf_counter() - t0
     if res.returncode:
         sys.exit(f"{side} {algo} seed {seed} failed:\n{res.stderr[-3000:]}")
@@ -181,12 +187,14 @@ def main() -> None:
     p.add_argument("--out", default="/tmp/rl-bench", help="run folders and results.jsonl (overwritten)")
     p.add_argument("--quick", action="store_true", help=f"smoke test: {QUICK['steps']} steps, eval every "
                    f"{QUICK['eval_every']} on {QUICK['episodes']} episodes, 1 seed")
+    p.add_argument("--same", action="store_true", help="nnlab with the zoo's hyperparameters for the whole budget "
+                   "(throughput at equal work) instead of its recipe")
     p.add_argument("--worker", choices=["nnlab", "sb3"], help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
     out = Path(args.out)
     if args.worker:
-        return worker(args.worker, args.algo, args.seed, out, args.quick)
+        return worker(args.worker, args.algo, args.seed, out, args.quick, args.same)
     out.mkdir(parents=True, exist_ok=True)
     print(f"{datetime.datetime.now().isoformat(timespec='seconds')}  {line(measure())}", flush=True)
     seeds = 1 if args.quick else args.seeds
@@ -196,7 +204,7 @@ def main() -> None:
         for algo in algos:
             for seed in range(seeds):
                 for side in ("nnlab", "sb3") if seed % 2 == 0 else ("sb3", "nnlab"):
-                    r = launch(side, algo, seed, out, args.quick)
+                    r = launch(side, algo, seed, out, args.quick, args.same)
                     results[algo].append(r)
                     f.write(json.dumps(r) + "\n")
                     f.flush()

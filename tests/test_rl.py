@@ -16,6 +16,7 @@ import yaml
 from contracts.harness import cli, comparable, install, kill_midway, resume, run_dir
 
 import nnlab
+import nnlab.rl
 from nnlab import run as R
 from nnlab.cli import main
 from nnlab.config import load_config, recipe_names
@@ -155,7 +156,8 @@ def test_eval_predict_play_report_runs(cartpole: Path, tmp_path: Path, capsys: p
     assert out["episodes"] == 3 and out["split"] == "val" and set(out["metrics"]) == {"return", "return_std",
                                                                                      "length"}
     assert main(["eval", str(cartpole), "--episodes", "2"]) == 0
-    assert "test/return" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "test/return" in printed and " ± " in printed and "over 2 greedy episodes (test seeds)" in printed
 
     assert main(["predict", str(cartpole), "--text", "0.01 -0.02 0.03 0.0", "--text", "0,0,0,0", "--top", "2",
                  "--json"]) == 0
@@ -174,6 +176,9 @@ def test_eval_predict_play_report_runs(cartpole: Path, tmp_path: Path, capsys: p
         frames = im.n_frames
     lengths = [int(line.split(", ")[1].split()[0]) for line in printed[:2]]
     assert max(lengths) < frames <= sum(lengths) + 2  # a frame per step and each start (repeats merged)
+
+    res = nnlab.rl.play(nnlab.load_run(cartpole), tmp_path / "py.gif", episodes=1, split="val")
+    assert (tmp_path / "py.gif").is_file() and len(res["returns"]) == 1 and res["lengths"][0] >= 8
 
     (cartpole / R.REPORT).unlink()
     assert main(["report", str(cartpole)]) == 0

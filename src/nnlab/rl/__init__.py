@@ -18,3 +18,8 @@ from __future__ import annotations
 from ..registry import Registry
 
 agents = Registry("agent", builtins=("nnlab.rl.tabular", "nnlab.rl.dqn", "nnlab.rl.ppo"))
+
+
+from .loop import play  # noqa: E402  (nnlab.rl.play(run, "out.gif", episodes=3): `nnlab play` from Python)
+
+__all__ = ["agents", "play"]

@@ -61,16 +61,6 @@ class DQNConfig:
         check(self.save_buffer >= 0 and self.max_grad_norm >= 0, "agent.save_buffer", "must be >= 0")
 
 
-def mlp(sizes: list[int], act: type[nn.Module] = nn.ReLU) -> nn.Sequential:
-    """Linear layers of `sizes` with `act` between them (none after the last)."""
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        layers.append(nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            layers.append(act())
-    return nn.Sequential(*layers)
-
-
 def features(obs: Tensor, obs_n: int) -> Tensor:
     """Network input: a discrete observation one-hot, a Box observation flattened to float32."""
     if obs_n:
@@ -99,7 +89,7 @@ class QNet(nn.Module):
         return q
 
 
-class Agent(nn.Module):
+class QPair(nn.Module):
     """The online network and its target (both saved: the target is part of the resume state)."""
 
     def __init__(self, q: QNet, target: QNet):
@@ -190,7 +180,7 @@ class DQN:
         q = QNet(info.obs_dim, info.obs_n, info.act_n, cfg.hidden, cfg.dueling)
         target = QNet(info.obs_dim, info.obs_n, info.act_n, cfg.hidden, cfg.dueling)
         target.load_state_dict(q.state_dict())
-        self.net = Agent(q, target).to(device)
+        self.net = QPair(q, target).to(device)
         self.opt = torch.optim.Adam(self.net.q.parameters(), lr=cfg.lr, fused=True)
         self.replay = Replay(min(cfg.buffer_size, train.steps), info.obs_shape, bool(info.obs_n), cfg.n_step,
                              cfg.gamma)

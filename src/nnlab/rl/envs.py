@@ -147,7 +147,6 @@ class Envs:
     (return, length, success) of the episodes that ended."""
 
     def __init__(self, cfg: EnvConfig, seed: int, n: int | None = None):
-        import gymnasium as gym
         from gymnasium.vector import AutoresetMode, SyncVectorEnv
 
         self.cfg, self.seed, self.n = cfg, seed, n or cfg.num_envs
@@ -155,7 +154,6 @@ class Envs:
         self.info = info_of(first, cfg)
         fns = [lambda: first] + [lambda: make(cfg)] * (self.n - 1)
         self.vec = SyncVectorEnv(fns, copy=False, autoreset_mode=AutoresetMode.DISABLED)
-        del gym
         self.steps = 0  # env steps taken, over all copies
         self.episode = np.zeros(self.n, dtype=np.int64)  # number of each copy's current episode
         self.ret = np.zeros(self.n)

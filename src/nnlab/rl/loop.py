@@ -248,9 +248,13 @@ class RL:
     def evaluate(run: Any, split: str = "test", which: str = "best", overrides: tuple[str, ...] = ()
                  ) -> dict[str, Any]:
         cfg, agent = load_agent(run, which, overrides)
-        metrics = evaluate_policy(cfg, agent, split)
-        return {"run": str(run.path), "split": split, "checkpoint": which, "episodes": cfg.train.eval_episodes,
-                "metrics": metrics}
+        m = evaluate_policy(cfg, agent, split)
+        n = cfg.train.eval_episodes
+        details = f"return {m['return']:.2f} ± {m['return_std']:.2f} over {n} greedy episodes ({split} seeds)"
+        if "success" in m:
+            details += f"; success rate {m['success']:.3f}"
+        return {"run": str(run.path), "split": split, "checkpoint": which, "episodes": n, "metrics": m,
+                "details": details}
 
     @staticmethod
     def predict(run: Any, inputs: list[str], which: str = "best", top: int = 1, texts: tuple[str, ...] = ()
@@ -296,23 +300,33 @@ class RL:
         return report(Path(run.path), cfg, agent)
 
 
-def play(run: Any, args: Any) -> int:
-    """Render episodes of a run's greedy policy into a GIF."""
+def play(run: Any, out: str | Path = "play.gif", episodes: int = 3, split: str = "test", fps: int = 30,
+         which: str = "best") -> dict[str, Any]:
+    """Render `episodes` episodes of a run's greedy policy into the GIF `out`; returns their returns and lengths.
+
+        nnlab.rl.play(nnlab.load_run("runs/cartpole-ppo-..."), "cartpole.gif", episodes=2)
+    """
     from .report import write_gif
 
-    if args.episodes <= 0:
-        raise UserError(f"--episodes must be at least 1 (got {args.episodes})")
-    out = Path(args.out)
+    if episodes <= 0:
+        raise UserError(f"--episodes must be at least 1 (got {episodes})")
+    out = Path(out)
     if out.suffix.lower() != ".gif":
         raise UserError(f"--out must name a .gif file (got {out})")
     if not out.parent.is_dir():
         raise UserError(f"cannot write {out}: folder {out.parent} does not exist")
-    cfg, agent = load_agent(run, args.checkpoint)
-    ro = rollouts(cfg.env, agent.act, args.episodes, args.split, 1, render=True)
-    write_gif(out, ro["frames"], args.fps)
-    for k, (ret, n) in enumerate(zip(ro["returns"], ro["lengths"], strict=True)):
+    cfg, agent = load_agent(run, which)
+    ro = rollouts(cfg.env, agent.act, episodes, split, 1, render=True)
+    write_gif(out, ro["frames"], fps)
+    return {"out": str(out), "returns": ro["returns"], "lengths": ro["lengths"]}
+
+
+def play_command(run: Any, args: Any) -> int:
+    """Render episodes of a run's greedy policy into a GIF."""
+    res = play(run, args.out, args.episodes, args.split, args.fps, args.checkpoint)
+    for k, (ret, n) in enumerate(zip(res["returns"], res["lengths"], strict=True)):
         print(f"episode {k + 1}: return {ret:.2f}, {n} steps")
-    print(out)
+    print(res["out"])
     return 0
 
 
@@ -323,4 +337,4 @@ def _play_options(p: Any) -> None:
     p.add_argument("--fps", type=int, default=30, help="frames per second of the GIF (default: 30)")
 
 
-commands.register("play", arguments=_play_options, loops=("rl",))(play)
+commands.register("play", arguments=_play_options, loops=("rl",))(play_command)

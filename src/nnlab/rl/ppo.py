@@ -141,8 +141,6 @@ class ActorCritic(nn.Module):
 
     @torch.no_grad()
     def update_stats(self, x: Tensor) -> None:
-        if not self.normalize:
-            return
         x = x.double()
         n, mean, var = x.shape[0], x.mean(0), x.var(0, unbiased=False)
         total = self.obs_count + n
@@ -231,7 +229,8 @@ class PPO:
         with torch.no_grad():
             for _ in range(T):
                 o = torch.as_tensor(obs, device=dev)
-                net.update_stats(features(o, net.obs_n))
+                if net.normalize:
+                    net.update_stats(features(o, net.obs_n))
                 x = net.inputs(o)
                 a, logp = net.sample(x)
                 v = net.critic(x).squeeze(-1)

@@ -21,8 +21,9 @@ PANELS = [("losses", ("loss/td", "loss/td_abs", "loss/policy", "loss/value")),
 ARROWS = {0: "\u2190", 1: "\u2193", 2: "\u2192", 3: "\u2191"}  # FrozenLake's actions: left, down, right, up
 
 
-def smooth(y: np.ndarray, alpha: float = 0.1) -> np.ndarray:
-    """Exponential moving average, debiased as TensorBoard's smoothing is."""
+def smooth(y: np.ndarray) -> np.ndarray:
+    """Exponential moving average over about a tenth of the points, debiased as TensorBoard's smoothing is."""
+    alpha = min(1.0, 10 / max(len(y), 1))
     out, m = np.empty_like(y, dtype=np.float64), 0.0
     for i, v in enumerate(y):
         m = (1 - alpha) * m + alpha * v
@@ -36,6 +37,8 @@ def plot_returns(rows: list[dict[str, Any]], path: Path) -> bool:
     if not train and not val:
         return False
     plt = pyplot()
+    from matplotlib.ticker import EngFormatter
+
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, x in zip(axes, ("step", "time"), strict=True):
         if train:
@@ -46,6 +49,7 @@ def plot_returns(rows: list[dict[str, Any]], path: Path) -> bool:
             ax.plot([r[x] for r in val], [r["val/return"] for r in val], "o-", ms=3, color="C1",
                     label="greedy, val seeds")
         ax.set_xlabel("environment steps" if x == "step" else "wall time (s)")
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))
         ax.set_ylabel("episodic return")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -59,6 +63,8 @@ def plot_panels(rows: list[dict[str, Any]], path: Path) -> bool:
     if not panels:
         return False
     plt = pyplot()
+    from matplotlib.ticker import EngFormatter
+
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
     for ax, (title, keys) in zip(axes[0], panels, strict=True):
         for k in keys:
@@ -66,6 +72,7 @@ def plot_panels(rows: list[dict[str, Any]], path: Path) -> bool:
             ax.plot(*zip(*pts, strict=True), label=k)
         ax.set_title(title)
         ax.set_xlabel("environment steps")
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     save_figure(fig, path)
