@@ -58,12 +58,13 @@ class Progress:
     def __init__(self, enabled: bool, quiet: bool):
         self.enabled, self.quiet, self.bar = enabled, quiet, None
 
-    def start(self, epoch: int, epochs: int, total: int, initial: int) -> None:
+    def start(self, epoch: int, epochs: int, total: int, initial: int, label: str = "") -> None:
+        """A bar of `total` steps, named `label` (a loop without epochs: "env steps") or the epoch."""
         if not self.enabled or self.quiet:
             return
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, initial=initial, desc=f"epoch {epoch + 1}/{epochs}", unit="step",
+        self.bar = tqdm(total=total, initial=initial, desc=label or f"epoch {epoch + 1}/{epochs}", unit="step",
                         dynamic_ncols=True, file=sys.stderr, leave=True)
 
     def update(self, n: int, stats: dict[str, float]) -> None:
@@ -72,13 +73,13 @@ class Progress:
             if stats:
                 self.bar.set_postfix({k.split("/")[-1]: _fmt(v) for k, v in stats.items()}, refresh=False)
 
-    def end(self, epoch: int, epochs: int, stats: dict[str, float]) -> None:
+    def end(self, epoch: int, epochs: int, stats: dict[str, float], label: str = "") -> None:
         if self.bar is not None:
             self.bar.set_postfix({k: _fmt(v) for k, v in stats.items()})
             self.bar.close()
             self.bar = None
         elif self.enabled:
-            print(f"epoch {epoch + 1}/{epochs} " + " ".join(f"{k}={_fmt(v)}" for k, v in stats.items()),
+            print(f"{label or f'epoch {epoch + 1}/{epochs}'} " + " ".join(f"{k}={_fmt(v)}" for k, v in stats.items()),
                   file=sys.stderr, flush=True)
 
     def write(self, msg: str) -> None:

@@ -139,6 +139,8 @@ class Trainer:
         metrics = {f"val/{k}": v for k, v in evaluate_policy(self.cfg, self.agent, "val").items()}
         self.tracker.log(steps, metrics, episodes=s["episodes"], train_time=round(s["train_time"], 3))
         value = metrics["val/return"]
+        if self.session.progress.quiet:  # -q: one line per evaluation instead of the bar
+            self.session.progress.write(f"env step {steps}: val/return {value:.2f} ± {metrics['val/return_std']:.2f}")
         if s["best"] is None or value > s["best"]:
             s["best"], s["best_step"] = value, steps
             self.save("best", metrics)
@@ -155,7 +157,7 @@ class Trainer:
     def run(self) -> dict[str, float]:
         t, s, envs, agent = self.t, self.state, self.envs, self.agent
         progress = self.session.progress
-        progress.start(0, 1, t.steps, envs.steps)
+        progress.start(0, 1, t.steps, envs.steps, "env steps")
         while envs.steps < t.steps and s["stopped"] is None:
             before, self.t0 = envs.steps, time.perf_counter()
             logs = agent.iterate(envs, envs.steps / t.steps)
@@ -187,7 +189,8 @@ class Trainer:
             self.log()
         if s["saved"] != envs.steps:
             self.save("last")
-        progress.end(0, 1, {"env_steps": envs.steps, **({"best": s["best"]} if s["best"] is not None else {})})
+        progress.end(0, 1, {"env_steps": envs.steps, **({"best": s["best"]} if s["best"] is not None else {})},
+                     "trained:")
         return self.finish()
 
     def finish(self) -> dict[str, float]:
