@@ -101,6 +101,24 @@ def test_action_distributions_match_torch(env_id: str) -> None:
     assert torch.allclose(ent, ref_ent, atol=1e-6)
 
 
+def test_dueling_head_and_polyak_target(tmp_path: Path) -> None:
+    from nnlab.rl.dqn import QNet
+
+    torch.manual_seed(0)
+    net = QNet(4, 0, 3, [8], dueling=True)
+    x = torch.randn(5, 4)
+    h = torch.relu(net.body[0](x))
+    adv = net.head(h)
+    assert torch.allclose(net(x), net.value(h) + adv - adv.mean(-1, keepdim=True), atol=1e-6)  # Q = V + A - mean A
+    run = nnlab.train("cartpole-dqn", ["train.steps=600", "agent.learning_starts=100", "agent.train_freq=8",
+                                       "agent.gradient_steps=2", "agent.dueling=true", "agent.tau=0.5", *FAST],
+                      out=tmp_path, quiet=True, progress=False)
+    w = R.load_weights(run / R.CHECKPOINTS / "last")
+    assert "q.value.weight" in w and "target.value.weight" in w
+    # Polyak: the target trails the online network (neither equal to it nor left at the initial copy)
+    assert not torch.equal(w["q.head.weight"], w["target.head.weight"])
+
+
 @pytest.mark.parametrize("method", ["qlearning", "sarsa", "expected_sarsa"])
 def test_tabular_learns_a_corridor(tmp_path: Path, method: str) -> None:
     """Start, frozen, goal in a row (no slipping): Q(F, right) = 1 and Q(S, right) = gamma; greedy: right."""
