@@ -91,3 +91,19 @@ def test_corrupt_data_file_is_a_clear_error(tmp_path: Path, monkeypatch, capsys)
     err = capsys.readouterr().err
     assert code == 2 and "train-images-idx3-ubyte.gz" in err and "Traceback" not in err
     assert not list((tmp_path / "cache").rglob("*.safetensors"))  # no partial decoded cache
+
+
+def test_a_closed_pipe_ends_quietly() -> None:
+    """`nnlab recipes | head -1`: the reader is gone before nnlab writes; exit 0 without a message."""
+    import os
+    import subprocess
+    import sys
+
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        res = subprocess.run([sys.executable, "-m", "nnlab", "recipes"], stdout=w, stderr=subprocess.PIPE,
+                             text=True, timeout=60)
+    finally:
+        os.close(w)
+    assert res.returncode == 0 and res.stderr == "", res.stderr

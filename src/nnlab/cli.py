@@ -106,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import UserError
 
     try:
-        return COMMANDS.get(args.command, cmd_family)(args) or 0
+        code = COMMANDS.get(args.command, cmd_family)(args) or 0
+        sys.stdout.flush()  # a closed pipe shows here, inside the try, not at interpreter exit
+        return code
     except UserError as e:
         if args.debug:
             raise
@@ -115,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"nnlab {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `nnlab runs | head`: the reader left; stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as e:  # a runtime failure: one line unless --debug
         if args.debug:
             raise
@@ -141,7 +146,7 @@ def cmd_recipes(args) -> int:
         m = (doc.get("model") or doc.get("agent") or {}).get("name", "?")
         d = (doc.get("data") or {}).get("name") or (doc.get("env") or {}).get("id", "?")
         first = text.splitlines()[0].lstrip("# ") if text.startswith("#") else ""
-        print(f"{n:16s} {m:10s} {d:10s} {first}")
+        print(f"{n:22s} {m:10s} {d:14s} {first}")
     return 0
 
 

@@ -55,10 +55,13 @@ def build(cfg: Any, info=None, device: str | torch.device = "cpu") -> Any:
     return agents[cfg.agent.name].factory(cfg.agent, info, cfg.train, torch.device(device))
 
 
-def load_agent(run: Any, which: str = "best", overrides: tuple[str, ...] = ()) -> tuple[Any, Any]:
+def load_agent(run: Any, which: str = "best", overrides: tuple[str, ...] = (), device: str = "cpu"
+               ) -> tuple[Any, Any]:
     """(config, agent) of a run's checkpoint (`best` falls back to `last`), rebuilt from its config alone."""
+    from ..dist import pick_device
+
     cfg = load_config(run.config, overrides)
-    agent = build(cfg)
+    agent = build(cfg, device=pick_device(device))
     folder = R.checkpoint_dir(run.path, which)
     try:
         agent.net.load_state_dict(R.load_weights(folder))
@@ -304,7 +307,7 @@ class RL:
 
 
 def play(run: Any, out: str | Path = "play.gif", episodes: int = 3, split: str = "test", fps: int = 30,
-         which: str = "best") -> dict[str, Any]:
+         which: str = "best", device: str = "cpu") -> dict[str, Any]:
     """Render `episodes` episodes of a run's greedy policy into the GIF `out`; returns their returns and lengths.
 
         nnlab.rl.play(nnlab.load_run("runs/cartpole-ppo-..."), "cartpole.gif", episodes=2)
@@ -318,7 +321,7 @@ def play(run: Any, out: str | Path = "play.gif", episodes: int = 3, split: str =
         raise UserError(f"--out must name a .gif file (got {out})")
     if not out.parent.is_dir():
         raise UserError(f"cannot write {out}: folder {out.parent} does not exist")
-    cfg, agent = load_agent(run, which)
+    cfg, agent = load_agent(run, which, device=device)
     ro = rollouts(cfg.env, agent.act, episodes, split, 1, render=True)
     write_gif(out, ro["frames"], fps)
     return {"out": str(out), "returns": ro["returns"], "lengths": ro["lengths"]}
@@ -326,7 +329,7 @@ def play(run: Any, out: str | Path = "play.gif", episodes: int = 3, split: str =
 
 def play_command(run: Any, args: Any) -> int:
     """Render episodes of a run's greedy policy into a GIF."""
-    res = play(run, args.out, args.episodes, args.split, args.fps, args.checkpoint)
+    res = play(run, args.out, args.episodes, args.split, args.fps, args.checkpoint, args.device)
     for k, (ret, n) in enumerate(zip(res["returns"], res["lengths"], strict=True)):
         print(f"episode {k + 1}: return {ret:.2f}, {n} steps")
     print(res["out"])
