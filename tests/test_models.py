@@ -7,11 +7,12 @@ import inspect
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from nnlab.config import section_from_dict
 from nnlab.data.image import ImageSpec
 from nnlab.data.text import TokenSpec
-from nnlab.models import InitFromData, build, models
+from nnlab.models import InitFromData, attend, build, models
 
 
 @pytest.mark.parametrize("name", models.names())
@@ -76,3 +77,20 @@ def test_classification_tta_views() -> None:
         b = Batch(x=x, y=y)
         assert torch.equal(both.eval_stats(net, b, final=False)["loss_sum"], plain.eval_stats(net, b)["loss_sum"])
         assert not torch.equal(flip.eval_stats(net, b)["loss_sum"], plain.eval_stats(net, b)["loss_sum"])
+
+
+@pytest.mark.parametrize("mask", [False, True])
+def test_attend_computes_cpu_bf16_attention_in_fp32(mask: bool) -> None:
+    """Under CPU bf16 autocast, `attend` is SDPA of the same bf16 inputs in fp32, rounded back to bf16 (torch's bf16
+    CPU kernels are slower); elsewhere it is SDPA itself."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 8).to(torch.bfloat16) for _ in range(3))
+    kw = {"attn_mask": torch.rand(2, 1, 5, 5) > 0.3} if mask else {"is_causal": True}
+    if mask:
+        kw["attn_mask"][..., 0] = True  # every query may see at least one key
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = attend(q, k, v, **kw)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kw).to(torch.bfloat16))
+    x = [t.float() for t in (q, k, v)]
+    assert torch.equal(attend(*x, **kw), F.scaled_dot_product_attention(*x, **kw))

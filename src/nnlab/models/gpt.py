@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..config import check
 from ..data.text import TokenSpec
-from . import gpt2_init, models
+from . import attend, gpt2_init, models
 
 
 @dataclass
@@ -89,8 +89,7 @@ class CausalSelfAttention(nn.Module):
             causal = start == 0  # a prompt attends causally; one new token attends to all before it
             if start and T > 1:
                 raise ValueError("a cached forward after the prompt takes one token at a time")
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                           is_causal=causal)  # (B, nh, T, hs)
+        y = attend(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=causal)  # (B, nh, T, hs)
         return self.drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
 

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..config import check
 from ..data.text import PairSpec
-from . import gpt2_init, models
+from . import attend, gpt2_init, models
 
 
 @dataclass
@@ -104,8 +104,8 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """`mask` broadcasts to (B, nh, T, S), True where a query may attend to a key; None: everywhere."""
         B, T, C = x.shape
-        y = F.scaled_dot_product_attention(self.heads(self.q(x)), k, v, attn_mask=mask,
-                                           dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+        y = attend(self.heads(self.q(x)), k, v, attn_mask=mask,
+                   dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
         return self.drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
     def weights(self, x: Tensor, k: Tensor, mask: Tensor) -> Tensor:
