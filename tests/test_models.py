@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from nnlab.config import section_from_dict
 from nnlab.data.image import ImageSpec
+from nnlab.data.sentences import TextSpec
 from nnlab.data.text import TokenSpec
 from nnlab.models import InitFromData, attend, build, models
 
@@ -26,7 +27,7 @@ def test_forward_backward(name: str) -> None:
         model.init_from_data(batch)
     args = inspect.signature(model.forward).parameters  # a model takes the batch's fields by name
     out = model(**{k: batch[k] for k in args if k in batch})
-    if isinstance(spec, ImageSpec):
+    if isinstance(spec, (ImageSpec, TextSpec)):  # one row of class logits per example
         assert out.shape == (4, spec.num_classes)
     elif isinstance(spec, TokenSpec):  # next-token logits at every position
         assert out.shape == (*batch["x"].shape, spec.vocab_size)

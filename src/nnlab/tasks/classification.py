@@ -1,6 +1,7 @@
 """Classification: cross-entropy (optionally label-smoothed), accuracy, per-class precision/recall/F1,
-a confusion matrix, test-time augmentation for images, and its report (confusion matrix and a grid of test
-predictions) and `predict` on raw inputs (read by the data's spec: image files, later text lines)."""
+a confusion matrix, test-time augmentation for images, and its report (confusion matrix, and a grid of test
+images or a table of test texts, predicted) and `predict` on raw inputs (read by the data's spec: image files,
+text lines)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from .. import run as R
 from ..config import check
 from ..data import Batch
 from ..data.image import ImageSpec
+from ..data.sentences import TextSpec
 from ..report import pyplot, save_figure
 from . import TaskBase, tasks
 
@@ -38,6 +40,7 @@ class Classification(TaskBase):
 
     def __init__(self, cfg: ClassificationConfig, spec):
         self.cfg, self.spec, self.num_classes, self.classes = cfg, spec, spec.num_classes, spec.classes
+        check(cfg.tta == "none" or isinstance(spec, ImageSpec), "task.tta", "flips and shifts images: use none")
 
     def step(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
         x, y = batch["x"], batch["y"]
@@ -124,7 +127,23 @@ class Classification(TaskBase):
                              [self.classes[i] for i in idx.tolist()], p.tolist(), folder / R.PLOTS / "predictions.png")
             lines += ["", "## Test predictions (first images; red = wrong)", "",
                       "![predictions](plots/predictions.png)"]
+        if model is not None and data is not None and "test" in data.splits and isinstance(self.spec, TextSpec):
+            lines += ["", "## Test predictions (a first batch; texts as the model reads them)", ""]
+            lines += self.text_predictions(model, next(iter(data.loader("test", 12).epoch(0))))
         return lines
+
+    def text_predictions(self, model: nn.Module, batch: Batch) -> list[str]:
+        """A Markdown table of a batch of texts (the vocabulary's words, `<unk>` for the others) with their true
+        and predicted classes."""
+        device = next(model.parameters()).device
+        p, idx = self.probs(model.eval(), batch["x"].to(device)).float().cpu().max(1)
+        rows = ["| text | true | predicted |", "|---|---|---|"]
+        for x, y, i, q in zip(batch["x"].tolist(), batch["y"].tolist(), idx.tolist(), p.tolist(), strict=True):
+            text = self.spec.tok.decode(x)
+            text = (text[:117] + "...") if len(text) > 120 else text
+            mark = "" if i == y else " ✗"
+            rows.append(f"| {text.replace('|', '&#124;')} | {self.classes[y]} | {self.classes[i]} ({q:.2f}){mark} |")
+        return rows
 
 
 def per_class(cm: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -1,0 +1,235 @@
+"""Text classification: the word tokenizer, `TextSpec`, the sst2 / financial-phrasebank / imdb readers (on
+generated files in their layouts, and the real ones when present), padding invariance of the rnn and fasttext
+models, and the sst2 recipe through the real CLI (train, then predict on text)."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import need_data, nnlab
+
+import nnlab as nl
+from nnlab import run as R
+from nnlab.config import section_from_dict
+from nnlab.data import datasets
+from nnlab.data.sentences import FINPHRASE, VOCAB, SentencesConfig, TextSpec, WordTokenizer
+from nnlab.errors import UserError
+from nnlab.models import build, models
+
+GOOD = ["good", "great", "fun", "lovely", "superb", "moving"]
+BAD = ["bad", "dull", "awful", "boring", "poor", "tedious"]
+FILLER = ["the", "film", "movie", "plot", "was", "is", "a", "very", "acting", "and", ",", "."]
+TINY = ["data.max_len=16", "data.val_fraction=0.1", "model.embed=16", "model.hidden=16", "model.dropout=0",
+        "train.epochs=4", "train.batch_size=16", "train.log_every=10", "train.threads=1", "train.tensorboard=false",
+        "train.precision=fp32", "optim.lr=1e-2"]
+
+
+def sentence(rng: random.Random, label: int) -> str:
+    words = rng.choices(FILLER, k=rng.randint(2, 8)) + rng.choices(GOOD if label else BAD, k=rng.randint(1, 2))
+    rng.shuffle(words)
+    return " ".join(words)
+
+
+def write_sst2(root: Path, n: int = 400, seed: int = 0) -> Path:
+    """Generated sentences in GLUE SST-2's layout: a sentiment word or two among filler words."""
+    rng = random.Random(seed)
+    (root / "sst2" / "SST-2").mkdir(parents=True)
+    for name, size in (("train", n), ("dev", 80)):
+        rows = ["sentence\tlabel"] + [f"{sentence(rng, y)} \t{y}" for y in (rng.randint(0, 1) for _ in range(size))]
+        (root / "sst2" / "SST-2" / f"{name}.tsv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def write_phrasebank(root: Path, lines: list[str]) -> Path:
+    path = root / "financial-phrasebank" / FINPHRASE
+    path.parent.mkdir(parents=True)
+    path.write_bytes("\n".join(lines).encode("iso-8859-1"))  # Latin-1, no final newline, like the real file
+    return path
+
+
+def spec_of(texts: list[str], **kw) -> TextSpec:
+    tok = WordTokenizer.fit(texts)
+    spec = TextSpec(vocab_size=tok.vocab_size, num_classes=2, classes=["negative", "positive"], **kw)
+    spec.assets[VOCAB] = tok.to_json().encode()
+    return spec
+
+
+def test_word_tokenizer_round_trip_and_unknowns() -> None:
+    tok = WordTokenizer.fit(["The film, the PLOT!", "the end", "film plot"], min_freq=2)
+    assert tok.words == ["<pad>", "<unk>", "the", "film", "plot"]  # by frequency, then alphabetically
+    assert tok.encode("The PLOT, the film") == [2, 4, 1, 2, 3]  # lower-cased; "," was seen only once
+    assert tok.decode(tok.encode("the film the plot")) == "the film the plot"
+    assert WordTokenizer.from_json(tok.to_json()).words == tok.words
+    assert WordTokenizer.fit(["a b c d e f"], max_size=4).vocab_size == 4  # pad and unknown count
+
+
+def test_vocabulary_is_fitted_on_the_training_split_only(tmp_path: Path) -> None:
+    root = write_sst2(tmp_path)
+    dev = root / "sst2" / "SST-2" / "dev.tsv"
+    dev.write_text(dev.read_text() + "zyzzyva superb \t1\n")
+    data = datasets["sst2"].factory(SentencesConfig(data_dir=str(root), val_fraction=0.1))
+    assert data.splits == ["train", "val", "test"] and data.spec.classes == ["negative", "positive"]
+    assert [len(data.texts[s][0]) for s in data.splits] == [360, 40, 81]
+    assert "zyzzyva" not in data.spec.tok.index and data.ids["test"][-1].tolist()[0] == 1  # unknown
+    for split in ("train", "val"):  # stratified: both labels in both parts, in about the same shares
+        share = sum(data.texts[split][1]) / len(data.texts[split][1])
+        assert 0.4 < share < 0.6
+    batch = next(iter(data.loader("train", 32, train=True).epoch(0)))
+    assert batch["x"].dtype == torch.int64 and batch["y"].shape == (32,)
+    assert ((batch["x"] != 0).sum(1) >= 1).all()
+    again = datasets["sst2"].factory(SentencesConfig(data_dir=str(root), val_fraction=0.1))
+    assert again.texts["val"] == data.texts["val"]  # the held-out part never changes
+
+
+def test_text_spec_encode_bad_inputs() -> None:
+    spec = spec_of(["a good film", "a bad film"], max_len=5)
+    batch, errors = spec.encode(["a good film", "", "   \t", "film " * 20, "😀 שלום עולם مرحبا 🎬!", "good"])
+    assert errors == [None, "empty text", "empty text", None, None, None]
+    x = batch["x"]
+    assert x.shape == (4, 5) and x.dtype == torch.int64
+    assert x[1].tolist() == [spec.tok.index["film"]] * 5  # cut to max_len
+    assert (x[2] == 1).sum() >= 4  # unseen scripts and emoji are unknown words, not a crash
+    assert x[3].tolist() == [spec.tok.index["good"], 0, 0, 0, 0]  # right-padded with 0
+    assert spec.encode(["", " "]) == (None, ["empty text", "empty text"])
+    b = spec.example(6)
+    assert b["x"].shape[0] == 6 and b["y"].max() < 2 and (b["x"][:, 0] != 0).all()
+
+
+def test_phrasebank_split_and_malformed_lines(tmp_path: Path) -> None:
+    labels = ["negative"] * 20 + ["neutral"] * 50 + ["positive"] * 30
+    lines = [f"Profit at Caf\xe9 {i} fell @ 5 % .@{lab}" for i, lab in enumerate(labels)]  # an @ in the text
+    write_phrasebank(tmp_path, lines)
+    data = datasets["financial-phrasebank"].factory(SentencesConfig(name="financial-phrasebank",
+                                                                    data_dir=str(tmp_path)))
+    assert data.spec.classes == ["negative", "neutral", "positive"]
+    assert [len(data.texts[s][0]) for s in data.splits] == [80, 10, 10]
+    assert sorted(data.texts["test"][1]) == [0, 0] + [1] * 5 + [2] * 3  # stratified per label
+    assert data.texts["train"][0][0].startswith("Profit at Café")  # Latin-1
+    for bad in ("no label at all", "Sales rose .@bullish"):
+        root = tmp_path / bad.replace(" ", "_")
+        path = write_phrasebank(root, lines[:4] + [bad] + lines[4:])
+        with pytest.raises(UserError, match=rf"{path.name}:5: expected 'sentence@label'"):
+            datasets["financial-phrasebank"].factory(SentencesConfig(name="financial-phrasebank", data_dir=str(root)))
+
+
+def test_sst2_bad_rows_and_missing_files(tmp_path: Path) -> None:
+    root = write_sst2(tmp_path)
+    train = root / "sst2" / "SST-2" / "train.tsv"
+    train.write_text(train.read_text() + "a sentence without a label\n")
+    with pytest.raises(UserError, match=r"train.tsv:402: expected"):
+        datasets["sst2"].factory(SentencesConfig(data_dir=str(root)))
+    with pytest.raises(UserError, match="cannot find the imdb data files"):
+        datasets["imdb"].factory(SentencesConfig(name="imdb", data_dir=str(tmp_path)))
+    with pytest.raises(UserError, match="data.val_fraction"):
+        SentencesConfig(val_fraction=1.0)
+
+
+def test_imdb_reads_the_archive_once(tmp_path: Path) -> None:
+    folder = tmp_path / "imdb"
+    folder.mkdir()
+    with tarfile.open(folder / "aclImdb_v1_labeled.tar.gz", "w:gz") as tar:
+        for split in ("train", "test"):
+            for label, words in (("pos", GOOD), ("neg", BAD)):
+                for i in range(20):
+                    body = f"A {words[i % 6]} film.<br /><br />Really {words[(i + 1) % 6]}.".encode()
+                    info = tarfile.TarInfo(f"aclImdb/{split}/{label}/{i}_{8 if label == 'pos' else 2}.txt")
+                    info.size = len(body)
+                    tar.addfile(info, io.BytesIO(body))
+        info = tarfile.TarInfo("aclImdb/README")
+        tar.addfile(info, io.BytesIO(b""))
+    cfg = SentencesConfig(name="imdb", data_dir=str(tmp_path), val_fraction=0.1)
+    data = datasets["imdb"].factory(cfg)
+    assert [len(data.texts[s][0]) for s in data.splits] == [36, 4, 40]
+    assert data.texts["test"][0][0] == "A bad film.  Really dull." and data.texts["test"][1][:1] == [0]
+    assert sorted(data.texts["val"][1]) == [0, 0, 1, 1]
+    again = datasets["imdb"].factory(cfg)  # from the cache
+    assert again.texts == data.texts
+
+
+def model(name: str, spec: TextSpec, **kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    net = build(name, section_from_dict(models, {"name": name, **kw}), spec)
+    for p in net.parameters():  # fasttext's head starts at zero: make every output depend on the input
+        torch.nn.init.normal_(p, std=0.3)
+    return net.eval()
+
+
+@pytest.mark.parametrize("name", ["rnn", "fasttext"])
+def test_text_models_forward_backward(name: str) -> None:
+    spec = models[name].meta["example"]
+    assert isinstance(spec, TextSpec)
+    batch = spec.example(4)
+    net = build(name, section_from_dict(models, {"name": name}), spec)
+    out = net(batch["x"])
+    assert out.shape == (4, spec.num_classes)
+    torch.nn.functional.cross_entropy(out, batch["y"]).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+def test_classification_refuses_image_tta_on_text() -> None:
+    from nnlab.tasks.classification import Classification, ClassificationConfig
+
+    spec = models["rnn"].meta["example"]
+    Classification(ClassificationConfig(), spec)
+    with pytest.raises(UserError, match="task.tta"):
+        Classification(ClassificationConfig(tta="flip"), spec)
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+@pytest.mark.parametrize("pooling, cell, layers", [("max", "lstm", 1), ("mean", "gru", 2), ("last", "lstm", 2),
+                                                   ("last", "rnn", 1)])
+def test_rnn_pools_over_real_positions_only(pooling: str, cell: str, layers: int, bidirectional: bool) -> None:
+    spec = TextSpec(vocab_size=30, num_classes=3, classes=["a", "b", "c"], max_len=20)
+    net = model("rnn", spec, cell=cell, n_layer=layers, bidirectional=bidirectional, pooling=pooling, hidden=8,
+                embed=8)
+    x = spec.example(6)["x"]
+    more = torch.cat([x, torch.zeros(6, 9, dtype=torch.int64)], 1)  # the same texts, padded more
+    with torch.no_grad():
+        alone = torch.cat([net(x[i:i + 1, :int((x[i] != 0).sum())]) for i in range(3)])  # each without padding
+        assert torch.allclose(net(x), net(more), atol=1e-5) and torch.allclose(net(x[:3]), alone, atol=1e-5)
+
+
+def test_fasttext_padding_invariance_and_bigrams() -> None:
+    spec = TextSpec(vocab_size=30, num_classes=2, classes=["a", "b"], max_len=20)
+    net = model("fasttext", spec, dim=8, buckets=64)
+    x = spec.example(6)["x"]
+    more = torch.cat([x, torch.zeros(6, 5, dtype=torch.int64)], 1)
+    with torch.no_grad():
+        assert torch.allclose(net(x), net(more), atol=1e-6)
+        words = torch.tensor([[3, 4, 5, 6]])
+        assert not torch.allclose(net(words), net(words.flip(1)))  # bigrams see the order
+        plain = model("fasttext", spec, dim=8, buckets=0)
+        assert torch.allclose(plain(words), plain(words.flip(1)), atol=1e-6)  # a bag of words does not
+
+
+def test_sst2_recipe_trains_and_predicts_text(tmp_path: Path) -> None:
+    root = write_sst2(tmp_path / "data")
+    res = nnlab("train", "sst2-bilstm", *TINY, f"--data-dir={root}", "--out", str(tmp_path / "runs"), "-q")
+    assert res.returncode == 0, res.stderr
+    folder = Path(res.stdout.strip().splitlines()[-1])
+    run = nl.load_run(folder)
+    assert run.summary["status"] == "completed" and run.final["test/acc"] > 0.8  # the sentiment words are learnable
+    report = (folder / R.REPORT).read_text()
+    assert "## test: per-class report" in report and "| text | true | predicted |" in report
+    res = nnlab("predict", str(folder), "--text", "a very lovely and moving film", "--text", "dull , boring plot",
+                "--text", "  ", "--json", "--top", "2")
+    rows = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [r.get("class") for r in rows] == ["positive", "negative", None], res.stderr
+    assert all(0.5 < r["prob"] <= 1 and len(r["top"]) == 2 for r in rows[:2])
+    assert rows[2]["error"] == "empty text" and res.returncode == 2  # one bad line: exit 2, the others answered
+
+
+def test_real_sst2_and_phrasebank() -> None:
+    root = need_data("sst2", "SST-2/train.tsv", "SST-2/dev.tsv")
+    data = datasets["sst2"].factory(SentencesConfig(data_dir=str(root)))
+    assert [len(data.texts[s][0]) for s in data.splits] == [63_982, 3_367, 872]  # 67,349 = train + val
+    assert sum(data.texts["test"][1]) == 444
+    root = need_data("financial-phrasebank", FINPHRASE)
+    data = datasets["financial-phrasebank"].factory(SentencesConfig(name="financial-phrasebank", data_dir=str(root)))
+    assert [len(data.texts[s][0]) for s in data.splits] == [1_811, 227, 226]  # 2,264 sentences
