@@ -17,7 +17,8 @@ Then, in the same run:
 Both final models are scored the same way, by nnlab's evaluation over the whole val split (111,540 characters),
 nanoGPT's best checkpoint loaded into nnlab's GPT (the layouts match tensor for tensor); nanoGPT's own estimate
 (20 random batches) is printed too. Wall times are whole processes, start to exit. MFU is FLOPs per token
-(models/gpt.py, the PaLM/nanoGPT formula) x tokens/s over this machine's measured fp32 matmul peak.
+(models/gpt.py, the PaLM/nanoGPT formula) x tokens/s over this machine's measured matmul peak at the
+precision the row ran (fp32, or bf16 where nnlab's `precision=auto` picked it).
 """
 
 from __future__ import annotations
@@ -160,7 +161,7 @@ def main() -> None:
     flops_per_token = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=128), 65, 64).flops_per_sample() / 64
     m = measure()
     print(line(m), flush=True)
-    peak = m["fp32_gflops"] * 1e9
+    peaks = {"fp32": m["fp32_gflops"] * 1e9, "bf16": m["bf16_gflops"] * 1e9}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         export_nanogpt(args.nanogpt, tmp / "nanogpt")
@@ -170,12 +171,13 @@ def main() -> None:
         mine = run_nnlab(tmp / "runs", args.overrides, args.data_dir)
         plain = plain_loop()
     ratio = mine["wall_s"] / nano["wall_s"]
-    rows = [("nanoGPT", nano["wall_s"], nano_val, nano["tokens_per_s"]),
-            (f"nnlab ({mine['steps']} steps, {mine['precision']})", mine["wall_s"], mine["val"], mine["tokens_per_s"]),
-            ("plain PyTorch loop (batch 12)", None, None, plain)]
-    print(f"\n{'':34s} {'wall s':>7s} {'val loss':>9s} {'tokens/s':>9s} {'MFU':>6s}")
-    for name, wall, val, tps in rows:
-        print(f"{name:34s} {wall or 0:7.1f} {val or 0:9.4f} {tps:9.0f} {tps * flops_per_token / peak:6.1%}")
+    rows = [("nanoGPT (fp32)", nano["wall_s"], nano_val, nano["tokens_per_s"], "fp32"),
+            (f"nnlab ({mine['steps']} steps, {mine['precision']})", mine["wall_s"], mine["val"], mine["tokens_per_s"],
+             mine["precision"]),
+            ("plain PyTorch loop (batch 12, fp32)", None, None, plain, "fp32")]
+    print(f"\n{'':36s} {'wall s':>7s} {'val loss':>9s} {'tokens/s':>9s} {'MFU (vs the peak of its precision)':>35s}")
+    for name, wall, val, tps, prec in rows:
+        print(f"{name:36s} {wall or 0:7.1f} {val or 0:9.4f} {tps:9.0f} {tps * flops_per_token / peaks[prec]:35.1%}")
     print(f"\nnanoGPT's own val estimate (20 batches) at its evals: {nano['evals']}")
     print(f"nnlab wall / nanoGPT wall = {ratio:.3f} (target <= 0.333); val loss difference "
           f"{mine['val'] - nano_val:+.4f} (target within +-0.03); nnlab training time {mine['train_s']:.1f} s")
