@@ -80,9 +80,12 @@ def kill_midway(folder: Path, recipe: Path, out: Path, kill_after: tuple[int, in
     assert run is not None, "no checkpoint within the deadline"
     assert not (run / R.SUMMARY).exists()  # really interrupted
     for ckpt in (run / R.CHECKPOINTS).glob("*"):
-        if not ckpt.name.endswith(".tmp"):
-            R.read_meta(ckpt)
-            R.load_weights(ckpt)
+        if ckpt.name.endswith(".tmp"):
+            continue  # being written: never read
+        if ckpt.name.endswith(".old") and ckpt.with_name(ckpt.name[:-4]).exists():
+            continue  # the replaced copy, killed while being removed: nothing reads it, the next save removes it
+        R.read_meta(ckpt)
+        R.load_weights(ckpt)
     return run
 
 
