@@ -15,7 +15,7 @@ from conftest import need_data, nnlab
 import nnlab as nl
 from nnlab import run as R
 from nnlab.data import datasets
-from nnlab.data.text import BPETokenizer, CharTokenizer, CorpusConfig, TokenData, _pieces, stdlib_files
+from nnlab.data.text import CharTokenizer, CorpusConfig, HFTokenizer, TokenData, _pieces, stdlib_files
 from nnlab.errors import UserError
 from nnlab.models.gpt import GPT, GPTConfig, KVCache, sample
 
@@ -99,7 +99,7 @@ def test_char_tokenizer_round_trip_and_unknown_characters() -> None:
 
 def test_bpe_tokenizer_is_byte_level_and_pieces_do_not_change_tokens() -> None:
     text = "def f(x):\n    return x + 1\n\n" * 200 + "naïve 東京 ∑\n"
-    tok = BPETokenizer.fit(text, 300)
+    tok = HFTokenizer.fit(text, 300)
     assert tok.vocab_size <= 300
     ids, unknown = tok.encode("unseen: ß → ok\n")
     assert unknown == "" and tok.decode(ids.tolist()) == "unseen: ß → ok\n"  # bytes: nothing is unknown

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from nnlab.config import section_from_dict
+from nnlab.data.conll import TagSpec
+from nnlab.data.corpus import MaskedTextSpec
 from nnlab.data.image import ImageSpec
 from nnlab.data.sentences import TextSpec
 from nnlab.data.text import TokenSpec
@@ -27,8 +29,12 @@ def test_forward_backward(name: str) -> None:
         model.init_from_data(batch)
     args = inspect.signature(model.forward).parameters  # a model takes the batch's fields by name
     out = model(**{k: batch[k] for k in args if k in batch})
-    if isinstance(spec, (ImageSpec, TextSpec)):  # one row of class logits per example
+    if isinstance(spec, MaskedTextSpec):  # a masked LM: token logits at every position (a TextSpec without classes)
+        assert out.shape == (*batch["x"].shape, spec.vocab_size)
+    elif isinstance(spec, (ImageSpec, TextSpec)):  # one row of class logits per example
         assert out.shape == (4, spec.num_classes)
+    elif isinstance(spec, TagSpec):  # given the tags y, each sentence's negative log-likelihood (every parameter)
+        assert out.shape == (4,)
     elif isinstance(spec, TokenSpec):  # next-token logits at every position
         assert out.shape == (*batch["x"].shape, spec.vocab_size)
     else:  # sentence pairs: the next target token after each target position

@@ -1,6 +1,7 @@
-"""Text classification: the word tokenizer, `TextSpec`, the sst2 / financial-phrasebank / imdb readers (on
-generated files in their layouts, and the real ones when present), padding invariance of the rnn and fasttext
-models, and the sst2 recipe through the real CLI (train, then predict on text)."""
+"""Text classification: the tokenizers (word, char, bpe, wordpiece), `TextSpec`, the sst2 / financial-phrasebank /
+imdb readers (on generated files in their layouts, and the real ones when present), padding invariance of the rnn,
+fasttext and Transformer encoder models (every position kind and pooling), the encoder's attention weights, the
+recipes through the real CLI (train, then predict on text), and bad inputs to predict."""
 
 from __future__ import annotations
 
@@ -16,11 +17,14 @@ from conftest import need_data, nnlab
 
 import nnlab as nl
 from nnlab import run as R
+from nnlab.cli import main
 from nnlab.config import section_from_dict
 from nnlab.data import datasets
-from nnlab.data.sentences import FINPHRASE, VOCAB, SentencesConfig, TextSpec, WordTokenizer
+from nnlab.data.sentences import FINPHRASE, TOKENIZERS, VOCAB, SentencesConfig, TextSpec, WordTokenizer, fit_tokenizer
+from nnlab.data.text import TOKENIZER
 from nnlab.errors import UserError
 from nnlab.models import build, models
+from nnlab.models.encoder import EncoderClassifier  # registers `encoder` (models/__init__.py imports it too)
 
 GOOD = ["good", "great", "fun", "lovely", "superb", "moving"]
 BAD = ["bad", "dull", "awful", "boring", "poor", "tedious"]
@@ -96,6 +100,8 @@ def test_text_spec_encode_bad_inputs() -> None:
     assert x[1].tolist() == [spec.tok.index["film"]] * 5  # cut to max_len
     assert (x[2] == 1).sum() >= 4  # unseen scripts and emoji are unknown words, not a crash
     assert x[3].tolist() == [spec.tok.index["good"], 0, 0, 0, 0]  # right-padded with 0
+    assert batch["notes"] == [None, "cut to the model's limit of 5 tokens (the text has 20)",
+                              "cut to the model's limit of 5 tokens (the text has 6)", None]
     assert spec.encode(["", " "]) == (None, ["empty text", "empty text"])
     b = spec.example(6)
     assert b["x"].shape[0] == 6 and b["y"].max() < 2 and (b["x"][:, 0] != 0).all()
@@ -234,3 +240,167 @@ def test_real_sst2_and_phrasebank() -> None:
     root = need_data("financial-phrasebank", FINPHRASE)
     data = datasets["financial-phrasebank"].factory(SentencesConfig(name="financial-phrasebank", data_dir=str(root)))
     assert [len(data.texts[s][0]) for s in data.splits] == [1_811, 227, 226]  # 2,264 sentences
+
+
+# --- tokenizer kinds -----------------------------------------------------------------------------------------
+SCRIPTS = ["😀🎬 great!!", "هذا الفيلم رائع جدا", "זה סרט נהדר", "这部电影很好看", "映画は素晴らしい"]
+
+
+@pytest.mark.parametrize("kind", TOKENIZERS)
+def test_tokenizer_kinds_round_trip_and_are_run_assets(kind: str, tmp_path: Path) -> None:
+    rng = random.Random(0)
+    texts = [sentence(rng, i % 2) for i in range(300)]
+    tok = fit_tokenizer(SentencesConfig(tokenizer=kind, vocab_size=60), texts)
+    text = "the film , a very good plot ."
+    ids = tok.encode_lines([text])[0]
+    assert ids and min(ids) >= 2  # 0 pads, 1 is unknown: every character here was seen in training
+    assert tok.decode(ids) == text  # as the tokenizer reads it: lower-cased words and punctuation marks
+    assert tok.decode([0, *ids, 0, 0]) == text  # padding is skipped
+    for unseen in SCRIPTS[1:]:  # scripts never seen in training: unknown tokens, never an error or nothing
+        assert set(tok.encode_lines([unseen.replace(" ", "")])[0]) == {1}
+    if kind in ("bpe", "wordpiece"):
+        assert tok.vocab_size <= 60 and len(tok.encode_lines(["tediousness"])[0]) > 1  # subwords of a new word
+    if kind == "char":
+        assert tok.encode_lines(["ab"])[0] == [tok.encode_lines(["a"])[0][0], tok.encode_lines(["b"])[0][0]]
+    root = write_sst2(tmp_path)  # the dataset fits the same kind and stores it as the run asset
+    data = datasets["sst2"].factory(SentencesConfig(data_dir=str(root), tokenizer=kind, vocab_size=60))
+    spec = data.spec
+    assert spec.tokenizer == kind and list(spec.assets) == [VOCAB if kind == "word" else TOKENIZER]
+    again = TextSpec(vocab_size=spec.vocab_size, num_classes=2, classes=spec.classes, max_len=spec.max_len,
+                     tokenizer=kind, assets=dict(spec.assets))  # as `load_model` rebuilds it
+    lines = data.texts["test"][0][:20] + SCRIPTS
+    assert again.tok.encode_lines(lines) == spec.tok.encode_lines(lines)
+    assert all(t.max() < spec.vocab_size for t in data.ids["train"])
+
+
+def test_tokenizer_config_errors() -> None:
+    with pytest.raises(UserError, match="data.tokenizer"):
+        SentencesConfig(tokenizer="sentencepiece")
+    with pytest.raises(UserError, match="data.vocab_size"):
+        SentencesConfig(vocab_size=2)
+
+
+# --- the Transformer encoder classifier ---------------------------------------------------------------------
+def encoder(spec: TextSpec, **kw) -> EncoderClassifier:
+    net = model("encoder", spec, **{"n_layer": 2, "n_head": 2, "n_embd": 16, **kw})
+    assert isinstance(net, EncoderClassifier)
+    return net
+
+
+@pytest.mark.parametrize("positions", ["learned", "sinusoidal", "rotary"])
+@pytest.mark.parametrize("pooling", ["cls", "mean", "max"])
+def test_encoder_is_padding_invariant_and_reads_order(positions: str, pooling: str) -> None:
+    spec = TextSpec(vocab_size=30, num_classes=3, classes=["a", "b", "c"], max_len=24)
+    net = encoder(spec, positions=positions, pooling=pooling)
+    x = spec.example(6)["x"]
+    more = torch.cat([x, torch.zeros(6, 9, dtype=torch.int64)], 1)  # the same texts, padded more
+    with torch.no_grad():
+        alone = torch.cat([net(x[i:i + 1, :int((x[i] != 0).sum())]) for i in range(3)])  # each without padding
+        assert torch.allclose(net(x), net(more), atol=1e-5) and torch.allclose(net(x[:3]), alone, atol=1e-5)
+        words = torch.tensor([[3, 4, 5, 6, 7]])
+        assert not torch.allclose(net(words), net(words.flip(1)), atol=1e-4)  # positions: not a bag of words
+
+
+@pytest.mark.parametrize("positions", ["learned", "rotary"])
+def test_encoder_attention_weights_are_what_sdpa_applies(positions: str) -> None:
+    spec = TextSpec(vocab_size=30, num_classes=2, classes=["a", "b"], max_len=20)
+    net = encoder(spec, positions=positions, pooling="cls")
+    layer = net.encoder.layers[1].attn
+    seen = []
+    layer.register_forward_hook(lambda m, args, out: seen.append((args, out)))
+    w = net.attention(torch.tensor([[5, 6, 7, 8, 0, 0]]))  # (layers, heads, T + 1, T + 1): CLS first
+    assert w.shape == (2, 2, 7, 7) and torch.allclose(w.sum(-1), torch.ones(2, 2, 7), atol=1e-6)
+    assert (w[..., 5:] == 0).all() and (w[..., :5] > 0).all()  # padding is never attended to
+    (h, k, v, mask, pos), out = seen[0]
+    assert torch.allclose(layer.weights(h, k, mask, pos)[0], w[1], atol=1e-6)
+    y = (w[1][None] @ v).transpose(1, 2).reshape(1, 7, 16)  # (1, T', C): the weights applied to the values
+    assert torch.allclose(layer.proj(y), out, atol=1e-5)
+
+
+def test_encoder_flops_and_config_errors() -> None:
+    spec = TextSpec(vocab_size=30, num_classes=2, classes=["a", "b"], max_len=20)
+    net = encoder(spec, pooling="cls")
+    n = sum(p.numel() for p in net.encoder.layers.parameters() if p.ndim == 2)
+    assert n == 2 * 12 * 16 * 16  # per layer: q, k, v and the output projection (4 C^2), feed-forward (8 C^2)
+    assert net.flops_per_sample() == 21 * (6 * n + 12 * 2 * 16 * 21) + 6 * 16 * 2
+    from nnlab.models.encoder import EncoderConfig
+
+    for kw, key in (({"pooling": "sum"}, "model.pooling"), ({"positions": "alibi"}, "model.positions"),
+                    ({"positions": "rotary", "n_embd": 12, "n_head": 4}, "model.n_embd")):
+        with pytest.raises(UserError, match=key):
+            EncoderConfig(**kw)
+
+
+# --- recipes and predict through the CLI ---------------------------------------------------------------------
+ENCODER_TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.dropout=0", "train.epochs=6",
+                "train.batch_size=16", "train.log_every=10", "train.threads=1", "train.tensorboard=false",
+                "train.precision=fp32", "train.compile=false", "optim.lr=3e-3", "train.warmup=0.0"]
+NEUTRAL = ["reported", "announced", "quarter", "sales", "company", "said"]
+
+
+def test_finphrase_transformer_recipe_reports_attention(tmp_path: Path, capsys) -> None:
+    rng = random.Random(1)
+    labels = ["negative", "neutral", "positive"]
+    lines = []
+    for i in range(300):
+        y = i % 3
+        words = rng.choices(NEUTRAL, k=rng.randint(3, 8)) + ([rng.choice(BAD)], [], [rng.choice(GOOD)])[y]
+        rng.shuffle(words)
+        lines.append(f"{' '.join(words)} .@{labels[y]}")
+    write_phrasebank(tmp_path / "data", lines)
+    args = ["train", "finphrase-transformer", *ENCODER_TINY, "data.tokenizer=wordpiece", "data.vocab_size=100",
+            f"--data-dir={tmp_path / 'data'}", "--out", str(tmp_path / "runs"), "-q"]
+    assert main(args) == 0, capsys.readouterr().err
+    folder = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    run = nl.load_run(folder)
+    assert run.config["model"]["name"] == "encoder" and run.final["test/acc"] > 0.8
+    assert (folder / R.PLOTS / "attention.png").is_file()
+    assert "## Attention of one test text" in (folder / R.REPORT).read_text()
+    texts = ["the company reported awful sales .", "a superb quarter ."]
+    assert main(["predict", str(folder), *(f"--text={t}" for t in texts), "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["class"] for r in rows] == ["negative", "positive"]
+
+
+def test_predict_bad_inputs(tmp_path: Path, capsys) -> None:
+    """Empty and blank texts are error rows (exit 2, the others answered); a text over the model's limit is cut
+    and the row and stderr say so; emoji, right-to-left and CJK texts get a prediction; bytes of --text that are
+    not UTF-8 are U+FFFD; a file that is not UTF-8 text (invalid bytes, an image) is refused with its name and
+    line."""
+    from PIL import Image
+
+    root = write_sst2(tmp_path / "data")
+    args = ["train", "sst2-bilstm", *ENCODER_TINY, "model.name=encoder", "data.tokenizer=bpe", "data.vocab_size=80",
+            "data.max_len=16", f"--data-dir={root}", "--out", str(tmp_path / "runs"), "-q"]
+    assert main(args) == 0, capsys.readouterr().err
+    folder = str(capsys.readouterr().out.strip().splitlines()[-1])
+    long = "a lovely film " * 40
+    assert main(["predict", folder, "--json", "--text", "", "--text", " \t ", "--text", long,
+                 *(f"--text={t}" for t in SCRIPTS)]) == 2
+    out, err = capsys.readouterr()
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r.get("error") for r in rows[:2]] == ["empty text", "empty text"]
+    assert rows[2]["class"] == "positive" and "cut to the model's limit of 16 tokens" in rows[2]["note"]
+    assert "nnlab predict: note:" in err and "2 of 8 inputs" in err
+    assert [r["input"] for r in rows[3:]] == SCRIPTS and all(r["class"] in ("negative", "positive") for r in rows[3:])
+    assert main(["predict", folder, "--json", "--text", "a lovely film \udcff\udcfe"]) == 0  # argv's non-UTF-8 bytes
+    assert json.loads(capsys.readouterr().out)["input"] == "a lovely film \ufffd\ufffd"  # are replaced
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(["a dull film", "", *SCRIPTS, "   "]) + "\n", encoding="utf-8")
+    assert main(["predict", folder, str(texts), "--json"]) == 0  # blank lines are skipped
+    assert len(capsys.readouterr().out.splitlines()) == 1 + len(SCRIPTS)
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("a good film\nun film très mauvais\n".encode("iso-8859-1"))
+    assert main(["predict", folder, str(bad)]) == 2
+    assert "latin1.txt:2: not UTF-8 text (byte 0xe8)" in capsys.readouterr().err
+    img = tmp_path / "x.png"
+    Image.fromarray((torch.rand(8, 8) * 255).byte().numpy()).save(img)
+    assert main(["predict", folder, str(img)]) == 2
+    assert "x.png:1: not UTF-8 text" in capsys.readouterr().err
+
+
+def test_predict_text_on_an_image_run(tmp_path: Path, tiny_recipe: Path, capsys) -> None:
+    assert main(["train", str(tiny_recipe), "--out", str(tmp_path / "runs"), "-q"]) == 0
+    folder = capsys.readouterr().out.strip().splitlines()[-1]
+    assert main(["predict", folder, "--text", "a lovely film"]) == 2
+    assert "reads files, not --text" in capsys.readouterr().err

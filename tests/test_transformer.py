@@ -16,7 +16,7 @@ from nnlab.errors import UserError
 from nnlab.models import build, models
 from nnlab.models.transformer import Cache, Seq2SeqTransformer, TransformerConfig, lp, sinusoids
 
-LAYOUTS = [(n, p) for n in ("pre", "post") for p in ("sinusoidal", "learned")]
+LAYOUTS = [(n, p) for n in ("pre", "post") for p in ("sinusoidal", "learned", "rotary")]
 
 
 def transformer(norm: str = "pre", positions: str = "sinusoidal", tgt_vocab: int = 12, src_vocab: int = 11,
@@ -78,7 +78,7 @@ def test_sinusoids_and_source_order() -> None:
     p, i = 5, 2
     assert pe[p, 2 * i].item() == pytest.approx(math.sin(p / 10000 ** (2 * i / 6)), abs=1e-6)
     assert pe[p, 2 * i + 1].item() == pytest.approx(math.cos(p / 10000 ** (2 * i / 6)), abs=1e-6)
-    for positions in ("sinusoidal", "learned"):
+    for positions in ("sinusoidal", "learned", "rotary"):
         model = transformer(positions=positions, std=0.3)
         src, sm, tgt, tm = batch(model)
         swapped = src.clone()
@@ -228,7 +228,8 @@ def test_learned_positions_bound_the_length() -> None:
 
 @pytest.mark.parametrize("override,key", [({"n_embd": 30, "n_head": 4}, "model.n_embd"),
                                           ({"norm": "mid"}, "model.norm"),
-                                          ({"positions": "rotary"}, "model.positions"),
+                                          ({"positions": "alibi"}, "model.positions"),
+                                          ({"positions": "rotary", "n_embd": 12, "n_head": 4}, "model.n_embd"),
                                           ({"dropout": 1.0}, "model.dropout"),
                                           ({"n_layer": 0}, "model.n_layer"),
                                           ({"ff_mult": 0}, "model.ff_mult"),

@@ -204,9 +204,12 @@ def cmd_eval(args) -> int:
 def cmd_predict(args) -> int:
     from .infer import load_run
 
-    rows = load_run(args.run).predict(args.inputs, args.checkpoint, args.top, tuple(args.text))
+    texts = tuple(t.encode(errors="surrogateescape").decode(errors="replace") for t in args.text)  # bad bytes: U+FFFD
+    rows = load_run(args.run).predict(args.inputs, args.checkpoint, args.top, texts)
     for r in rows:
         print(json.dumps(r) if args.json else "\t".join(_show(v) for v in r.values()))
+        if "note" in r:
+            print(f"nnlab predict: note: {r['input'][:50]!r}: {r['note']}", file=sys.stderr)
     bad = sum("error" in r for r in rows)
     if bad:
         print(f"nnlab predict: error: {bad} of {len(rows)} inputs could not be read", file=sys.stderr)
@@ -215,11 +218,12 @@ def cmd_predict(args) -> int:
 
 
 def _show(v) -> str:
-    """A predict field for the terminal: numbers to 4 places, a top-k list as 'a 0.912, b 0.051'."""
+    """A predict field for the terminal: numbers to 4 places, a list of lists or dicts as 'a 0.912, b 0.051'."""
     if isinstance(v, float):
         return f"{v:.4f}"
     if isinstance(v, list):
-        return ", ".join(" ".join(_show(x) for x in item) if isinstance(item, list) else _show(item) for item in v)
+        return ", ".join(" ".join(_show(x) for x in (item.values() if isinstance(item, dict) else item))
+                         if isinstance(item, (list, dict)) else _show(item) for item in v)
     return str(v)
 
 

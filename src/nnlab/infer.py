@@ -196,11 +196,13 @@ def report_run(run: Run, model: torch.nn.Module | None = None, task: Any = None,
 
 
 def _lines(f: str) -> list[str]:
-    if f == "-":
-        return [line.rstrip("\n") for line in sys.stdin if line.strip()]
     try:
-        return [line.rstrip("\n") for line in Path(f).read_text().splitlines() if line.strip()]
+        data = sys.stdin.buffer.read() if f == "-" else Path(f).read_bytes()
+        return [line for line in data.decode("utf-8").splitlines() if line.strip()]
     except FileNotFoundError:
         raise UserError(f"{f}: no such file (to predict a text itself, use --text)") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:  # an image, or text in another encoding: 0x0a is a newline
+        raise UserError(f"{f}:{data.count(0x0A, 0, e.start) + 1}: not UTF-8 text (byte {data[e.start]:#04x}); this "
+                        f"run's model reads UTF-8 text files, one text per line, or --text") from None
+    except OSError as e:
         raise UserError(f"{f}: not a readable text file ({e.__class__.__name__})") from None

@@ -228,4 +228,4 @@ class Windows:
             i += 1
 
 
-from . import image, sentences, text, vision  # noqa: E402,F401  (registers the specs and datasets)
+from . import conll, corpus, image, sentences, text, vision  # noqa: E402,F401  (registers the specs and datasets)

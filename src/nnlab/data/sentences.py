@@ -1,7 +1,17 @@
-"""Labelled texts for classification (sentence and document sentiment): a word-level tokenizer fitted on the
-training split (a run asset), `TextSpec`, and the datasets `sst2`, `financial-phrasebank` and `imdb`.
+"""Labelled texts for classification (sentence and document sentiment): a tokenizer fitted on the training
+split (a run asset), `TextSpec`, and the datasets `sst2`, `financial-phrasebank` and `imdb`.
 
-Batches are `Batch(x=(B, T) int64 word ids, right-padded with 0, y=(B,) labels)`; a model finds the real
+Tokenizers (`data.tokenizer`; every kind has id 0 for padding and 1 for anything unknown):
+- `word` (the default): lower-cased words and punctuation marks, the `min_freq`/`max_size` vocabulary
+  (asset `vocab.json`);
+- `char`: the characters of the training split (case kept), `min_freq`/`max_size` as for words;
+- `bpe` / `wordpiece`: subwords of lower-cased words, `data.vocab_size` of them, trained with Hugging Face
+  `tokenizers` (`HFTokenizer.fit_words` in data/text.py).
+The last three are the asset `tokenizer.json`. `max_len` counts tokens of the chosen kind (characters for char).
+`data.vocab_from=RUN` uses the tokenizer of another run's checkpoint instead (whatever its kind): fine-tuning an
+encoder pretrained with masked-LM (data/corpus.py, `init.from=RUN`) needs the vocabulary it was pretrained with.
+
+Batches are `Batch(x=(B, T) int64 token ids, right-padded with 0, y=(B,) labels)`; a model finds the real
 positions as `x != 0`. Batches are cut from length-bucketed runs of examples, so padding stays small.
 
 Splits (held-out parts are stratified by label and drawn with the fixed seed `SPLIT_SEED`, so they never change
@@ -31,13 +41,16 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from .. import run as R
 from ..config import check
 from ..errors import UserError
 from . import Batch, Loader, Spec, datasets, pad, specs
 from .files import CORRUPT, DECODED, atomic_write, cache_root, find_files, fix_hint, open_tar
+from .text import PAD, TOKENIZER, UNK, CharTokenizer, HFTokenizer, load_tokenizer
 
-VOCAB = "vocab.json"  # the tokenizer asset's file name
-PAD, UNK = "<pad>", "<unk>"  # ids 0 and 1
+VOCAB = "vocab.json"  # the word tokenizer's asset file name (the other kinds: TOKENIZER, "tokenizer.json")
+TOKENIZERS = ("word", "char", "bpe", "wordpiece")
+UNK_ID = 1  # the unknown token's id, for every kind (padding is 0)
 WORD = re.compile(r"\w+|[^\w\s]")  # a run of letters/digits/underscores, or one other non-space character
 SPLIT_SEED = 0  # seed of every held-out split; changing it changes every val (and financial-phrasebank test)
 SENTIMENT2 = ["negative", "positive"]
@@ -58,19 +71,23 @@ class WordTokenizer:
         return WORD.findall(text.lower())
 
     @staticmethod
-    def fit(texts: Sequence[str], min_freq: int = 1, max_size: int = 0) -> WordTokenizer:
-        """The words seen at least `min_freq` times, the most frequent first, at most `max_size` ids in all
-        (with pad and unknown; 0: no limit)."""
+    def fit(texts: Sequence[str], min_freq: int = 1, max_size: int = 0, specials: Sequence[str] = (PAD, UNK)
+            ) -> WordTokenizer:
+        """The words seen at least `min_freq` times, the most frequent first, after the `specials` (pad, unknown
+        and, for a masked LM, `<mask>`: never a word of `split`), at most `max_size` ids in all (0: no limit)."""
         counts = Counter(w for t in texts for w in WordTokenizer.split(t))
         kept = sorted((w for w, c in counts.items() if c >= min_freq), key=lambda w: (-counts[w], w))
-        return WordTokenizer([PAD, UNK, *(kept[:max_size - 2] if max_size else kept)])
+        return WordTokenizer([*specials, *(kept[:max_size - len(specials)] if max_size else kept)])
 
     @property
     def vocab_size(self) -> int:
         return len(self.words)
 
     def encode(self, text: str) -> list[int]:
-        return [self.index.get(w, 1) for w in self.split(text)]
+        return [self.index.get(w, UNK_ID) for w in self.split(text)]
+
+    def encode_lines(self, lines: Sequence[str]) -> list[list[int]]:
+        return [self.encode(line) for line in lines]
 
     def decode(self, ids: Sequence[int]) -> str:
         return " ".join(self.words[i] for i in ids if i != 0)
@@ -86,9 +103,11 @@ class WordTokenizer:
 @specs.register("text")
 @dataclass(kw_only=True)
 class TextSpec(Spec):
-    """Labelled texts: the word vocabulary (asset `vocab.json`), the classes and the longest text a model sees.
-    `encode` reads text lines for `predict`: an empty or whitespace-only line is an error row ("empty text");
-    a line longer than `max_len` tokens keeps its first `max_len` tokens (the rest is not seen)."""
+    """Labelled texts: the tokenizer (asset `vocab.json` for words, `tokenizer.json` for the other kinds), the
+    classes and the longest text a model sees. `encode` reads text lines for `predict`: an empty or
+    whitespace-only line is an error row ("empty text"); a line longer than `max_len` tokens keeps its first
+    `max_len` tokens, and the batch's `notes` (one per text, or None) say so. Any script is read (emoji, Arabic,
+    CJK): what the tokenizer never saw in training is the unknown token."""
 
     kind: str = "text"
     vocab_size: int
@@ -96,25 +115,33 @@ class TextSpec(Spec):
     classes: list[str]
     max_len: int = 256  # tokens per text; longer texts are cut
     pad_id: int = 0
+    tokenizer: str = "word"  # word | char | bpe | wordpiece
     inputs: ClassVar[str] = "text"
 
+    @property
+    def asset(self) -> str:
+        return VOCAB if self.tokenizer == "word" else TOKENIZER
+
     @cached_property
-    def tok(self) -> WordTokenizer:
-        if VOCAB not in self.assets:
-            raise UserError(f"the checkpoint has no assets/{VOCAB}: retrain the run")
-        return WordTokenizer.from_json(self.assets[VOCAB].decode())
+    def tok(self) -> WordTokenizer | CharTokenizer | HFTokenizer:
+        if self.asset not in self.assets:
+            raise UserError(f"the checkpoint has no assets/{self.asset}: retrain the run")
+        return read_tokenizer(self.tokenizer, self.assets[self.asset].decode())
 
     def ids(self, texts: Sequence[str]) -> list[torch.Tensor]:
-        """Each text's first `max_len` token ids (a text without tokens: one unknown word, so none is empty)."""
-        return [torch.tensor(self.tok.encode(t)[:self.max_len] or [1]) for t in texts]
+        """Each text's first `max_len` token ids (a text without tokens: one unknown token, so none is empty)."""
+        return [torch.tensor(ids[:self.max_len] or [UNK_ID]) for ids in self.tok.encode_lines(texts)]
 
     def encode(self, inputs: Sequence[str]) -> tuple[Batch | None, list[str | None]]:
         errors: list[str | None] = [None if line.strip() else "empty text" for line in inputs]
         good = [line for line in inputs if line.strip()]
         if not good:
             return None, errors
-        x, _ = pad(self.ids(good), self.pad_id)
-        return Batch(x=x), errors
+        full = self.tok.encode_lines(good)
+        x, _ = pad([torch.tensor(ids[:self.max_len] or [UNK_ID]) for ids in full], self.pad_id)
+        notes = [f"cut to the model's limit of {self.max_len} tokens (the text has {len(ids)})"
+                 if len(ids) > self.max_len else None for ids in full]
+        return Batch(x=x, notes=notes), errors
 
     def example(self, n: int) -> Batch:
         lengths = torch.randint(1, min(self.max_len, 12) + 1, (n,))
@@ -127,13 +154,19 @@ class TextSpec(Spec):
 class SentencesConfig:
     name: str = "sst2"  # sst2 | financial-phrasebank | imdb
     data_dir: str | None = None  # folder holding <dataset>/<files>; searched before NNLAB_DATA and the cache
-    max_len: int = 256  # tokens per text; longer texts are cut (SST-2's longest: 57)
-    min_freq: int = 1  # keep the words seen at least this often in the training split; the rest are unknown
-    max_size: int = 30000  # the largest vocabulary, pad and unknown included (0: no limit)
+    tokenizer: str = "word"  # word | char | bpe | wordpiece (subwords trained on train with HF tokenizers)
+    max_len: int = 256  # tokens per text; longer texts are cut (SST-2's longest: 57 words)
+    min_freq: int = 1  # words/characters seen fewer times in train are unknown (bpe, wordpiece: merges/pieces)
+    max_size: int = 30000  # word, char: the largest vocabulary, pad and unknown included (0: no limit)
+    vocab_size: int = 8000  # bpe, wordpiece: the vocabulary to train, pad and unknown included
+    vocab_from: str = ""  # a run (or checkpoint) whose tokenizer to use instead of fitting one: a masked-LM run
+    #                       that `init.from` copies the encoder of (tokenizer, min_freq, max_size, vocab_size unused)
     val_fraction: float = 0.05  # sst2, imdb: the part of train held out as val (per label); 0 = no val
     bucket: int = 50  # sort runs of this many batches by length before batching (0: off)
 
     def __post_init__(self) -> None:
+        check(self.tokenizer in TOKENIZERS, "data.tokenizer", f"must be one of {', '.join(TOKENIZERS)}")
+        check(self.vocab_size >= 3, "data.vocab_size", "must be >= 3 (pad, unknown and one token)")
         check(self.max_len >= 1, "data.max_len", "must be >= 1")
         check(self.min_freq >= 1, "data.min_freq", "must be >= 1")
         check(self.max_size == 0 or self.max_size >= 3, "data.max_size", "must be 0 (no limit) or >= 3")
@@ -142,17 +175,17 @@ class SentencesConfig:
 
 
 class TextData:
-    """Splits of labelled texts as word ids; the vocabulary is fitted on the train split alone."""
+    """Splits of labelled texts as token ids; the tokenizer is fitted on the train split alone."""
 
     def __init__(self, cfg: SentencesConfig, texts: dict[str, tuple[list[str], list[int]]], classes: list[str]):
         for split, (t, _) in texts.items():
             if not t:
                 raise UserError(f"the {cfg.name} {split} split is empty: nothing to train or evaluate on")
         self.cfg, self.splits, self.texts = cfg, list(texts), texts
-        tok = WordTokenizer.fit(texts["train"][0], cfg.min_freq, cfg.max_size)
+        kind, tok = tokenizer_for(cfg, texts["train"][0])
         self.spec = TextSpec(vocab_size=tok.vocab_size, num_classes=len(classes), classes=classes,
-                             max_len=cfg.max_len)
-        self.spec.assets[VOCAB] = tok.to_json().encode()
+                             max_len=cfg.max_len, tokenizer=kind)
+        self.spec.assets[self.spec.asset] = tok.to_json().encode()
         self.ids = {s: self.spec.ids(t) for s, (t, _) in texts.items()}
         self.labels = {s: torch.tensor(y, dtype=torch.int64) for s, (_, y) in texts.items()}
 
@@ -170,6 +203,43 @@ class TextData:
         lengths = torch.tensor([len(t) for t in ids])
         return Loader(len(ids), batch_size, make, shuffle=train, drop_last=train, seed=seed, rank=rank, world=world,
                       device=device, lengths=lengths, bucket=self.cfg.bucket)
+
+
+Tokenizer = WordTokenizer | CharTokenizer | HFTokenizer
+
+
+def fit_tokenizer(cfg: SentencesConfig, texts: Sequence[str], specials: Sequence[str] = (PAD, UNK)) -> Tokenizer:
+    """The `cfg.tokenizer` kind fitted on `texts` (the training split), `specials` taking the first ids."""
+    if cfg.tokenizer == "word":
+        return WordTokenizer.fit(texts, cfg.min_freq, cfg.max_size, specials)
+    if cfg.tokenizer == "char":
+        return CharTokenizer.fit(texts, specials, cfg.min_freq, cfg.max_size)
+    return HFTokenizer.fit_words(texts, cfg.tokenizer, cfg.vocab_size, cfg.min_freq, specials)
+
+
+def read_tokenizer(kind: str, text: str) -> Tokenizer:
+    """A tokenizer of `kind` from its asset's text."""
+    return WordTokenizer.from_json(text) if kind == "word" else load_tokenizer(text)
+
+
+def tokenizer_for(cfg: SentencesConfig, texts: Sequence[str], specials: Sequence[str] = (PAD, UNK)
+                  ) -> tuple[str, Tokenizer]:
+    """(kind, tokenizer): `data.vocab_from`'s, read from that run's best (else last) checkpoint, or else the
+    `data.tokenizer` kind fitted on `texts`. A fine-tuning run that copies a pretrained encoder (`init.from`) needs
+    the vocabulary the encoder's embeddings were trained with: the ids mean nothing with another."""
+    if not cfg.vocab_from:
+        return cfg.tokenizer, fit_tokenizer(cfg, texts, specials)
+    try:
+        folder = R.checkpoint_dir(cfg.vocab_from)
+        spec, assets = R.read_meta(folder).get("spec", {}), R.load_assets(folder)
+    except UserError as e:
+        raise UserError(f"data.vocab_from={cfg.vocab_from}: {e}") from None
+    kind = spec.get("tokenizer")
+    asset = VOCAB if kind == "word" else TOKENIZER
+    if kind not in TOKENIZERS or asset not in assets:
+        raise UserError(f"data.vocab_from={cfg.vocab_from}: {folder} holds no text tokenizer (its data is of kind "
+                        f"'{spec.get('kind')}'); pass a text classification or masked-LM run")
+    return kind, read_tokenizer(kind, assets[asset].decode())
 
 
 def stratified(labels: Sequence[int], fractions: Sequence[float]) -> list[list[int]]:

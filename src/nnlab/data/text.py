@@ -6,6 +6,8 @@ Tokenizers (`tokenizer.json` in every checkpoint's assets/):
   outside it cannot be encoded: `encode` drops it and reports which (a prompt says so, then goes on).
 - `bpe`: byte-level BPE trained on the training split with Hugging Face `tokenizers` (GPT-2's scheme: every
   byte is in the alphabet, so nothing is ever unknown).
+Text classification (`data/sentences.py`) uses the same classes with `<pad>` and `<unk>` as ids 0 and 1: a
+`CharTokenizer` whose unseen characters are unknown, and `HFTokenizer.fit_words` (BPE or WordPiece).
 
 Corpora (`TokenSpec.chars_per_token` is measured on the val split, so bits per character = nats per token /
 ln 2 / chars_per_token whatever the tokenizer):
@@ -28,6 +30,7 @@ import hashlib
 import json
 import sys
 import sysconfig
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -43,50 +46,69 @@ from . import Batch, Loader, Spec, Windows, datasets, pad, specs
 from .files import CORRUPT, DECODED, atomic_write, cache_root, find_files, fix_hint
 
 TOKENIZER = "tokenizer.json"  # the asset's file name
+PAD, UNK = "<pad>", "<unk>"  # a text classifier's ids 0 and 1 (CharTokenizer and HFTokenizer.fit_words)
 CACHE_VERSION = 1  # bump when tokenization changes, so no stale cache is read
 SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test"}
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 
 
 class CharTokenizer:
-    """Characters to ids by a fixed, sorted alphabet."""
+    """Characters to ids by a fixed, sorted alphabet, after `specials` (e.g. pad and unknown for text
+    classification), which take the first ids. A character outside the alphabet is the `<unk>` special when
+    there is one, else dropped (a language model's prompt)."""
 
-    def __init__(self, chars: str):
-        self.chars = chars
+    def __init__(self, chars: str, specials: Sequence[str] = ()):
+        self.chars, self.specials = chars, tuple(specials)
         self.codes = np.array([ord(c) for c in chars], dtype=np.int64)  # sorted code points
+        self.unk = self.specials.index(UNK) if UNK in self.specials else None
 
     @staticmethod
-    def fit(text: str) -> CharTokenizer:
-        return CharTokenizer("".join(sorted(set(text))))
+    def fit(text: str | Sequence[str], specials: Sequence[str] = (), min_freq: int = 1, max_size: int = 0
+            ) -> CharTokenizer:
+        """The characters of `text` (one string or many) seen at least `min_freq` times; with `max_size`, only
+        the most frequent, up to `max_size` ids with the specials."""
+        counts: Counter[str] = Counter()
+        for t in [text] if isinstance(text, str) else text:
+            counts.update(t)
+        kept = [c for c, n in counts.most_common() if n >= min_freq]
+        return CharTokenizer("".join(sorted(kept[:max_size - len(specials)] if max_size else kept)), specials)
 
     @property
     def vocab_size(self) -> int:
-        return len(self.chars)
+        return len(self.specials) + len(self.chars)
 
     def encode(self, text: str) -> tuple[np.ndarray, str]:
-        """(ids, the distinct characters outside the alphabet, dropped)."""
+        """(ids, the distinct characters outside the alphabet: unknown, or dropped)."""
         cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
         pos = np.searchsorted(self.codes, cps).clip(max=len(self.codes) - 1)
         known = self.codes[pos] == cps
         unknown = "".join(sorted({chr(c) for c in np.unique(cps[~known])})) if not known.all() else ""
-        return pos[known], unknown
+        ids = pos + len(self.specials)
+        return (ids[known] if self.unk is None else np.where(known, ids, self.unk)), unknown
 
-    def decode(self, ids: list[int]) -> str:
-        return "".join(self.chars[i] for i in ids)
+    def encode_lines(self, lines: Sequence[str]) -> list[list[int]]:
+        return [self.encode(line)[0].tolist() for line in lines]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The characters of `ids`; specials (padding, unknown) are skipped."""
+        n = len(self.specials)
+        return "".join(self.chars[i - n] for i in ids if i >= n)
 
     def to_json(self) -> str:
-        return json.dumps({"type": "char", "chars": self.chars})
+        return json.dumps({"type": "char", "chars": self.chars, "specials": list(self.specials)})
 
 
-class BPETokenizer:
-    """Byte-level BPE (GPT-2's scheme) by Hugging Face `tokenizers`."""
+class HFTokenizer:
+    """A Hugging Face `tokenizers` pipeline: byte-level BPE for language models (`fit`), or BPE / WordPiece over
+    lower-cased words for text classification (`fit_words`)."""
 
     def __init__(self, tok):
         self.tok = tok
 
     @staticmethod
-    def fit(text: str, vocab_size: int, specials: tuple[str, ...] = ()) -> BPETokenizer:
-        """Trained on `text`; `specials` (e.g. pad, BOS, EOS) take the first ids, in order."""
+    def fit(text: str, vocab_size: int, specials: tuple[str, ...] = ()) -> HFTokenizer:
+        """Byte-level BPE (GPT-2's scheme: every byte is in the alphabet) trained on `text`; `specials` (e.g. pad,
+        BOS, EOS) take the first ids, in order."""
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
         tok = Tokenizer(models.BPE())
@@ -95,7 +117,34 @@ class BPETokenizer:
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                       special_tokens=list(specials), show_progress=False)
         tok.train_from_iterator(_pieces(text), trainer=trainer)
-        return BPETokenizer(tok)
+        return HFTokenizer(tok)
+
+    @staticmethod
+    def fit_words(texts: Sequence[str], kind: str, vocab_size: int, min_freq: int = 1,
+                  specials: Sequence[str] = (PAD, UNK)) -> HFTokenizer:
+        """Subwords of lower-cased words and punctuation runs (`Whitespace` pre-tokenization: \\w+|[^\\w\\s]+),
+        trained on `texts`: `bpe` (Sennrich et al. 2016; a word's last piece ends in `</w>`) or `wordpiece`
+        (BERT's; `##` continues a word). Ids 0 and 1 are `<pad>` and `<unk>` (a character never seen in training),
+        then any further `specials` (a masked LM's `<mask>`); merges (bpe) and pieces (wordpiece) need `min_freq`
+        occurrences."""
+        from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+        kw = {"vocab_size": vocab_size, "min_frequency": min_freq, "special_tokens": list(specials),
+              "show_progress": False}
+        if kind == "bpe":
+            tok = Tokenizer(models.BPE(unk_token=UNK, end_of_word_suffix="</w>"))
+            tok.decoder = decoders.BPEDecoder(suffix="</w>")
+            trainer = trainers.BpeTrainer(end_of_word_suffix="</w>", **kw)
+        elif kind == "wordpiece":
+            tok = Tokenizer(models.WordPiece(unk_token=UNK))
+            tok.decoder = decoders.WordPiece(cleanup=False)
+            trainer = trainers.WordPieceTrainer(**kw)
+        else:
+            raise ValueError(f"unknown subword kind {kind!r}: bpe or wordpiece")
+        tok.normalizer = normalizers.Lowercase()
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        tok.train_from_iterator(texts, trainer=trainer)
+        return HFTokenizer(tok)
 
     @property
     def vocab_size(self) -> int:
@@ -108,8 +157,8 @@ class BPETokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids)  # special tokens are skipped
 
-    def encode_lines(self, lines: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tok.encode_batch(lines)]
+    def encode_lines(self, lines: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(list(lines))]
 
     def to_json(self) -> str:
         return self.tok.to_str()
@@ -128,13 +177,13 @@ def _pieces(text: str, size: int = 1 << 16) -> list[str]:
     return out
 
 
-def load_tokenizer(text: str) -> CharTokenizer | BPETokenizer:
+def load_tokenizer(text: str) -> CharTokenizer | HFTokenizer:
     doc = json.loads(text)
     if doc.get("type") == "char":
-        return CharTokenizer(doc["chars"])
+        return CharTokenizer(doc["chars"], doc.get("specials", ()))
     from tokenizers import Tokenizer
 
-    return BPETokenizer(Tokenizer.from_str(text))
+    return HFTokenizer(Tokenizer.from_str(text))
 
 
 @specs.register("tokens")
@@ -151,7 +200,7 @@ class TokenSpec(Spec):
     inputs: ClassVar[str] = "text"
 
     @cached_property
-    def tok(self) -> CharTokenizer | BPETokenizer:
+    def tok(self) -> CharTokenizer | HFTokenizer:
         if TOKENIZER not in self.assets:
             raise UserError(f"the checkpoint has no assets/{TOKENIZER}: retrain the run")
         return load_tokenizer(self.assets[TOKENIZER].decode())
@@ -182,7 +231,7 @@ class PairSpec(Spec):
     inputs: ClassVar[str] = "text"
 
     @cached_property
-    def toks(self) -> dict[str, BPETokenizer]:
+    def toks(self) -> dict[str, HFTokenizer]:
         return {side: load_tokenizer(self.assets[f"{side}_tokenizer.json"].decode()) for side in ("src", "tgt")}
 
     def ids(self, lines: list[str], side: str) -> list[torch.Tensor]:
@@ -278,7 +327,7 @@ def _tokenized(cfg: CorpusConfig, name: str, texts: dict[str, str]) -> tuple[str
             print(f"warning: token cache {folder} is unreadable ({e}); rebuilding it", file=sys.stderr)
             done.unlink(missing_ok=True)
     train = texts["train"]
-    tok = CharTokenizer.fit(train) if cfg.tokenizer == "char" else BPETokenizer.fit(train, cfg.vocab_size)
+    tok = CharTokenizer.fit(train) if cfg.tokenizer == "char" else HFTokenizer.fit(train, cfg.vocab_size)
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
     ids = {s: tok.encode(t)[0].astype(dtype) for s, t in texts.items()}
     try:
@@ -371,9 +420,9 @@ class PairData:
     def __init__(self, cfg: PairsConfig, texts: dict[str, tuple[list[str], list[str]]]):
         self.cfg, self.splits, self.texts = cfg, list(texts), texts
         src_train, tgt_train = texts["train"]
-        src_tok = BPETokenizer.fit("\n".join(src_train + tgt_train if cfg.shared else src_train), cfg.vocab_size,
+        src_tok = HFTokenizer.fit("\n".join(src_train + tgt_train if cfg.shared else src_train), cfg.vocab_size,
                                    SPECIALS)
-        tgt_tok = src_tok if cfg.shared else BPETokenizer.fit("\n".join(tgt_train), cfg.vocab_size, SPECIALS)
+        tgt_tok = src_tok if cfg.shared else HFTokenizer.fit("\n".join(tgt_train), cfg.vocab_size, SPECIALS)
         self.spec = PairSpec(src_vocab_size=src_tok.vocab_size, tgt_vocab_size=tgt_tok.vocab_size,
                              max_len=cfg.max_len, shared=cfg.shared, src_lang=cfg.src, tgt_lang=cfg.tgt)
         self.spec.assets = {"src_tokenizer.json": src_tok.to_json().encode(),

@@ -58,4 +58,4 @@ def build(name: str, cfg: Any, spec: Any) -> nn.Module:
     return models[name].factory(cfg, spec)
 
 
-from . import cnn, fastnet, fasttext, gpt, mlp, resnet, rnn, transformer  # noqa: E402,F401  (registers the families)
+from . import cnn, encoder, fastnet, fasttext, gpt, mlp, resnet, rnn, tagger, transformer  # noqa: E402,F401  (registers them)

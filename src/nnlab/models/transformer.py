@@ -1,9 +1,11 @@
-"""The encoder-decoder Transformer of "Attention is all you need" (Vaswani et al. 2017) for translation.
+"""The encoder-decoder Transformer of "Attention is all you need" (Vaswani et al. 2017) for translation, and the
+blocks that the encoder-only text classifier (models/encoder.py) shares.
 
-Source ids -> embedding (x sqrt(n_embd), + sinusoidal positions; or + learned positions) -> `n_layer` encoder
-layers (self-attention, ReLU feed-forward) -> memory. Target ids (BOS w1 ...) -> embedding -> `n_layer` decoder
-layers (causal self-attention, cross-attention to the memory, feed-forward) -> logits by the target embedding
-itself (weight tying, Press & Wolf 2017). With `norm="post"` each sub-layer is LN(x + f(x)), the paper's layout;
+Source ids -> embedding (x sqrt(n_embd), + sinusoidal positions; or + learned positions; or rotary positions on
+the queries and keys of self-attention, Su et al. 2021) -> `n_layer` encoder layers (self-attention, ReLU
+feed-forward) -> memory. Target ids (BOS w1 ...) -> embedding -> `n_layer` decoder layers (causal
+self-attention, cross-attention to the memory, feed-forward) -> logits by the target embedding itself (weight
+tying, Press & Wolf 2017). With `norm="post"` each sub-layer is LN(x + f(x)), the paper's layout;
 `norm="pre"` is x + f(LN(x)) with a final LayerNorm per stack, which trains without a careful warm-up (Xiong et
 al. 2020). Attention runs in `scaled_dot_product_attention` under a boolean mask (True = may attend).
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +27,9 @@ from torch import Tensor, nn
 from ..config import check
 from ..data.text import PairSpec
 from . import attend, gpt2_init, models
+from .gpt import rotate
+
+POSITIONS = ("sinusoidal", "learned", "rotary")
 
 
 @dataclass
@@ -35,7 +41,7 @@ class TransformerConfig:
     ff_mult: int = 4  # feed-forward width = ff_mult * n_embd (the paper's d_ff = 4 d_model)
     dropout: float = 0.1  # on attention weights, residual branches and embeddings (training only)
     norm: str = "pre"  # pre | post (post is the 2017 paper's layout; pre trains more stably)
-    positions: str = "sinusoidal"  # sinusoidal (the paper's) | learned (one table per side, spec.max_len long)
+    positions: str = "sinusoidal"  # sinusoidal (the paper's) | learned (a table per side) | rotary (RoPE)
     share_embeddings: bool = True  # when spec.shared: one embedding table for source, target and the output layer
 
     def __post_init__(self) -> None:
@@ -44,9 +50,26 @@ class TransformerConfig:
         check(self.n_embd % self.n_head == 0, "model.n_embd", f"must be divisible by model.n_head={self.n_head}")
         check(0 <= self.dropout < 1, "model.dropout", "must be in [0, 1)")
         check(self.norm in ("pre", "post"), "model.norm", "must be pre or post")
-        check(self.positions in ("sinusoidal", "learned"), "model.positions", "must be sinusoidal or learned")
-        check(self.positions == "learned" or self.n_embd % 2 == 0, "model.n_embd",
-              "sinusoidal positions need an even n_embd")
+        check_positions(self)
+
+
+class BlockConfig(Protocol):
+    """The fields the blocks read: TransformerConfig's here, EncoderConfig's in models/encoder.py."""
+
+    n_head: int
+    n_embd: int
+    ff_mult: int
+    dropout: float
+    norm: str
+    positions: str
+
+
+def check_positions(cfg: BlockConfig) -> None:
+    check(cfg.positions in POSITIONS, "model.positions", f"must be one of {', '.join(POSITIONS)}")
+    check(cfg.positions != "sinusoidal" or cfg.n_embd % 2 == 0, "model.n_embd",
+          "sinusoidal positions need an even n_embd")
+    check(cfg.positions != "rotary" or (cfg.n_embd // cfg.n_head) % 2 == 0, "model.n_embd",
+          "rotary positions need an even head size (n_embd / n_head)")
 
 
 def sinusoids(pos: Tensor, dim: int) -> Tensor:
@@ -55,6 +78,21 @@ def sinusoids(pos: Tensor, dim: int) -> Tensor:
     freq = 10000.0 ** (-torch.arange(0, dim, 2, device=pos.device, dtype=torch.float32) / dim)  # (dim/2,)
     angle = pos.float()[:, None] * freq[None, :]  # (T, dim/2)
     return torch.stack([angle.sin(), angle.cos()], dim=-1).view(len(pos), dim)  # (T, dim), sin/cos interleaved
+
+
+def add_positions(x: Tensor, pos: Tensor, cfg: BlockConfig, table: nn.Embedding | None) -> Tensor:
+    """Token embeddings `x` (B, T, C) at positions `pos` (T,) with their positions: sinusoidal (the paper scales
+    the embeddings by sqrt(d_model) before adding the sinusoids), learned (+ `table(pos)`), or rotary (`x`
+    unchanged: attention rotates its queries and keys)."""
+    if cfg.positions == "sinusoidal":
+        return x * math.sqrt(cfg.n_embd) + sinusoids(pos, cfg.n_embd).to(x.dtype)
+    if cfg.positions == "learned":
+        assert table is not None
+        if len(pos) and int(pos[-1]) >= table.num_embeddings:
+            raise ValueError(f"a sequence of {int(pos[-1]) + 1} tokens exceeds the {table.num_embeddings} learned "
+                             f"positions")
+        return x + table(pos)
+    return x
 
 
 class Cache:
@@ -83,11 +121,12 @@ class Cache:
 
 class Attention(nn.Module):
     """Multi-head attention of queries from `x` over keys and values from `keys_values(y)` (y = x for
-    self-attention, the memory for cross-attention)."""
+    self-attention, the memory for cross-attention). `rotary`: queries and keys are rotated to their positions
+    `pos` (self-attention only; a query and a key then interact by their relative position)."""
 
-    def __init__(self, cfg: TransformerConfig):
+    def __init__(self, cfg: BlockConfig, rotary: bool = False):
         super().__init__()
-        self.n_head, self.dropout = cfg.n_head, cfg.dropout
+        self.n_head, self.dropout, self.rotary = cfg.n_head, cfg.dropout, rotary
         self.q = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.kv = nn.Linear(cfg.n_embd, 2 * cfg.n_embd)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
@@ -97,21 +136,30 @@ class Attention(nn.Module):
         B, T, C = x.shape
         return x.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
 
-    def keys_values(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        k, v = self.kv(y).chunk(2, dim=2)
-        return self.heads(k), self.heads(v)  # (B, nh, S, hs) each
+    def rope(self, x: Tensor, pos: Tensor | None) -> Tensor:
+        """`x` (B, nh, T, hs) rotated to its positions `pos` (T,) when rotary; unchanged otherwise."""
+        if not self.rotary:
+            return x
+        assert pos is not None, "rotary attention needs the positions"
+        return rotate(x, pos)
 
-    def forward(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-        """`mask` broadcasts to (B, nh, T, S), True where a query may attend to a key; None: everywhere."""
+    def keys_values(self, y: Tensor, pos: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Keys and values (B, nh, S, hs) of `y` (B, S, C) at positions `pos` (S,)."""
+        k, v = self.kv(y).chunk(2, dim=2)
+        return self.rope(self.heads(k), pos), self.heads(v)
+
+    def forward(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, pos: Tensor | None = None) -> Tensor:
+        """`mask` broadcasts to (B, nh, T, S), True where a query may attend to a key; None: everywhere.
+        `pos` (T,): the queries' positions (read with rotary positions)."""
         B, T, C = x.shape
-        y = attend(self.heads(self.q(x)), k, v, attn_mask=mask,
+        y = attend(self.rope(self.heads(self.q(x)), pos), k, v, attn_mask=mask,
                    dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
         return self.drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
-    def weights(self, x: Tensor, k: Tensor, mask: Tensor) -> Tensor:
+    def weights(self, x: Tensor, k: Tensor, mask: Tensor, pos: Tensor | None = None) -> Tensor:
         """The attention weights (B, nh, T, S) that `forward` applies (without dropout):
         softmax(Q K^T / sqrt(hs)) over the keys `mask` allows."""
-        q = self.heads(self.q(x))  # (B, nh, T, hs)
+        q = self.rope(self.heads(self.q(x)), pos)  # (B, nh, T, hs)
         att = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, nh, T, S)
         return att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
 
@@ -119,7 +167,7 @@ class Attention(nn.Module):
 class Residual(nn.Module):
     """A sub-layer's LayerNorm and residual connection: pre-norm x + f(LN(x)), or post-norm LN(x + f(x))."""
 
-    def __init__(self, cfg: TransformerConfig):
+    def __init__(self, cfg: BlockConfig):
         super().__init__()
         self.ln, self.pre = nn.LayerNorm(cfg.n_embd), cfg.norm == "pre"
 
@@ -130,40 +178,45 @@ class Residual(nn.Module):
         return x + y if self.pre else self.ln(x + y)
 
 
-def feed_forward(cfg: TransformerConfig) -> nn.Sequential:
+def feed_forward(cfg: BlockConfig) -> nn.Sequential:
     """The position-wise feed-forward network: Linear -> ReLU -> Linear (the paper's eq. 2), then dropout."""
     return nn.Sequential(nn.Linear(cfg.n_embd, cfg.ff_mult * cfg.n_embd), nn.ReLU(),
                          nn.Linear(cfg.ff_mult * cfg.n_embd, cfg.n_embd), nn.Dropout(cfg.dropout))
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, cfg: TransformerConfig):
+    def __init__(self, cfg: BlockConfig):
         super().__init__()
-        self.attn, self.res1 = Attention(cfg), Residual(cfg)
+        self.attn, self.res1 = Attention(cfg, rotary=cfg.positions == "rotary"), Residual(cfg)
         self.ff, self.res2 = feed_forward(cfg), Residual(cfg)
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor, pos: Tensor, record: list[Tensor] | None = None) -> Tensor:
+        """`x` (B, T, C) at positions `pos` (T,); `record` collects the self-attention weights (B, nh, T, T)."""
         h = self.res1.input(x)
-        x = self.res1.add(x, self.attn(h, *self.attn.keys_values(h), mask))
+        k, v = self.attn.keys_values(h, pos)
+        if record is not None:
+            record.append(self.attn.weights(h, k, mask, pos))
+        x = self.res1.add(x, self.attn(h, k, v, mask, pos))
         return self.res2.add(x, self.ff(self.res2.input(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: TransformerConfig):
+    def __init__(self, cfg: BlockConfig):
         super().__init__()
-        self.self_attn, self.res1 = Attention(cfg), Residual(cfg)
+        self.self_attn, self.res1 = Attention(cfg, rotary=cfg.positions == "rotary"), Residual(cfg)
         self.cross_attn, self.res2 = Attention(cfg), Residual(cfg)
         self.ff, self.res3 = feed_forward(cfg), Residual(cfg)
 
     def forward(self, x: Tensor, self_mask: Tensor | None, memory_kv: tuple[Tensor, Tensor], cross_mask: Tensor,
-                cache: Cache | None = None, layer: int = 0, record: list[Tensor] | None = None) -> Tensor:
-        """With a cache, `x` continues the cached tokens and attends to all of them (`self_mask` None);
-        `record` collects the cross-attention weights."""
+                pos: Tensor, cache: Cache | None = None, layer: int = 0, record: list[Tensor] | None = None
+                ) -> Tensor:
+        """`x` (B, T, C) at positions `pos` (T,). With a cache, `x` continues the cached tokens and attends to all
+        of them (`self_mask` None); `record` collects the cross-attention weights."""
         h = self.res1.input(x)
-        k, v = self.self_attn.keys_values(h)
+        k, v = self.self_attn.keys_values(h, pos)
         if cache is not None:
             k, v = cache.extend(layer, k, v)
-        x = self.res1.add(x, self.self_attn(h, k, v, self_mask))
+        x = self.res1.add(x, self.self_attn(h, k, v, self_mask, pos))
         h = self.res2.input(x)
         if record is not None:
             record.append(self.cross_attn.weights(h, memory_kv[0], cross_mask))
@@ -196,24 +249,17 @@ class Seq2SeqTransformer(nn.Module):
         self.ln_dec = nn.LayerNorm(C) if pre else nn.Identity()
         self.apply(gpt2_init)
 
-    def embed(self, ids: Tensor, start: int, tok: nn.Embedding, pos: nn.Embedding | None) -> Tensor:
-        """(B, T) ids at positions start.. -> (B, T, C), dropout applied."""
-        T = ids.shape[1]
-        if pos is not None and start + T > self.spec.max_len:
-            raise ValueError(f"a sequence of {start + T} tokens exceeds the {self.spec.max_len} learned positions")
-        p = torch.arange(start, start + T, device=ids.device)  # (T,)
-        if pos is None:  # the paper scales the embeddings by sqrt(d_model) before adding the sinusoids
-            x = tok(ids) * math.sqrt(self.cfg.n_embd) + sinusoids(p, self.cfg.n_embd).to(tok.weight.dtype)
-        else:
-            x = tok(ids) + pos(p)
-        return self.drop(x)
+    def embed(self, ids: Tensor, pos: Tensor, tok: nn.Embedding, table: nn.Embedding | None) -> Tensor:
+        """(B, T) ids at positions `pos` (T,) -> (B, T, C), dropout applied."""
+        return self.drop(add_positions(tok(ids), pos, self.cfg, table))
 
     def encode(self, src: Tensor, src_mask: Tensor) -> Tensor:
         """The memory (B, S, C) of source ids `src` (B, S); `src_mask` (B, S) is True on real tokens."""
-        x = self.embed(src, 0, self.src_tok if self.src_tok is not None else self.tgt_tok, self.src_pos)
+        pos = torch.arange(src.shape[1], device=src.device)  # (S,)
+        x = self.embed(src, pos, self.src_tok if self.src_tok is not None else self.tgt_tok, self.src_pos)
         mask = src_mask[:, None, None, :]  # (B, 1, 1, S): every query attends to the real keys
         for layer in self.encoder:
-            x = layer(x, mask)
+            x = layer(x, mask, pos)
         return self.ln_enc(x)
 
     def memory_kv(self, memory: Tensor) -> list[tuple[Tensor, Tensor]]:
@@ -223,10 +269,11 @@ class Seq2SeqTransformer(nn.Module):
     def _decoder(self, tgt: Tensor, self_mask: Tensor | None, memory_kv: list[tuple[Tensor, Tensor]],
                  src_mask: Tensor, cache: Cache | None = None, record: list[Tensor] | None = None) -> Tensor:
         start = cache.length if cache is not None else 0
-        x = self.embed(tgt, start, self.tgt_tok, self.tgt_pos)  # (B, T, C)
+        pos = torch.arange(start, start + tgt.shape[1], device=tgt.device)  # (T,)
+        x = self.embed(tgt, pos, self.tgt_tok, self.tgt_pos)  # (B, T, C)
         cross_mask = src_mask[:, None, None, :]  # (B, 1, 1, S)
         for i, layer in enumerate(self.decoder):
-            x = layer(x, self_mask, memory_kv[i], cross_mask, cache, i, record)
+            x = layer(x, self_mask, memory_kv[i], cross_mask, pos, cache, i, record)
         if cache is not None:
             cache.length += tgt.shape[1]
         return F.linear(self.ln_dec(x), self.tgt_tok.weight)  # (B, T, V)

@@ -1,7 +1,7 @@
 """Classification: cross-entropy (optionally label-smoothed), accuracy, per-class precision/recall/F1,
 a confusion matrix, test-time augmentation for images, and its report (confusion matrix, and a grid of test
-images or a table of test texts, predicted) and `predict` on raw inputs (read by the data's spec: image files,
-text lines)."""
+images or a table of test texts, predicted; an attention heat map of one test text when the model has
+`attention(x)`) and `predict` on raw inputs (read by the data's spec: image files, text lines)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,13 @@ from ..data.image import ImageSpec
 from ..data.sentences import TextSpec
 from ..report import pyplot, save_figure
 from . import TaskBase, tasks
+
+
+@runtime_checkable
+class ShowsAttention(Protocol):
+    def attention(self, x: Tensor) -> Tensor:
+        """Self-attention weights (layers, heads, T', T') of one text `x` (1, T); T' - T leading positions are the
+        model's own (a CLS vector)."""
 
 
 @dataclass
@@ -96,17 +103,21 @@ class Classification(TaskBase):
         return self.logits(model, x).softmax(-1)  # (B, num_classes) probabilities
 
     def predict(self, model: nn.Module, inputs: Sequence[str], top: int = 1) -> list[dict[str, Any]]:
-        """Class and probability (and the `top` classes) of each raw input the data's spec can read."""
+        """Class and probability (and the `top` classes) of each raw input the data's spec can read; a `note`
+        where the spec's batch has one for the input (a text cut to the model's limit)."""
         batch, errors = self.spec.encode(inputs)
         rows: list[dict[str, Any]] = [{"error": e} if e else {} for e in errors]
         if batch is not None:
             device = next(model.parameters()).device
             p, idx = self.probs(model.eval(), batch.to(device)["x"]).topk(min(top, self.num_classes), dim=1)
             good = [r for r in rows if "error" not in r]
-            for row, pi, ii in zip(good, p.tolist(), idx.tolist(), strict=True):
+            notes = batch["notes"] if "notes" in batch else [None] * len(batch)
+            for row, pi, ii, note in zip(good, p.tolist(), idx.tolist(), notes, strict=True):
                 row |= {"class": self.classes[ii[0]], "prob": pi[0]}
                 if top > 1:
                     row["top"] = [[self.classes[i], q] for i, q in zip(ii, pi, strict=True)]
+                if note:
+                    row["note"] = note
         return rows
 
     def summary(self, stats: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -128,9 +139,24 @@ class Classification(TaskBase):
             lines += ["", "## Test predictions (first images; red = wrong)", "",
                       "![predictions](plots/predictions.png)"]
         if model is not None and data is not None and "test" in data.splits and isinstance(self.spec, TextSpec):
+            batch = next(iter(data.loader("test", 12).epoch(0)))
             lines += ["", "## Test predictions (a first batch; texts as the model reads them)", ""]
-            lines += self.text_predictions(model, next(iter(data.loader("test", 12).epoch(0))))
+            lines += self.text_predictions(model, batch)
+            if isinstance(model, ShowsAttention):
+                lines += self.attention_map(model, batch["x"], folder / R.PLOTS / "attention.png")
         return lines
+
+    def attention_map(self, model: ShowsAttention, x: Tensor, path: Path, most: int = 40) -> list[str]:
+        """A heat map of every layer's and head's self-attention over the shortest text of `x` (B, T) (its first
+        `most` positions), and the report lines that show it."""
+        row = x[(x != self.spec.pad_id).sum(1).argmin()]
+        ids = row[row != self.spec.pad_id].tolist()
+        w = model.attention(row[None, :len(ids)].to(next(model.parameters()).device)).float().cpu()
+        labels = ["[CLS]"] * (w.shape[-1] - len(ids)) + [self.spec.tok.decode([i]) or "<unk>" for i in ids]
+        plot_attention(w[..., :most, :most], labels[:most], path)
+        cut = f" (its first {most} of {len(labels)} positions)" if len(labels) > most else ""
+        return ["", f"## Attention of one test text{cut}: rows attend to columns, one map per layer and head", "",
+                f"![attention]({R.PLOTS}/{path.name})"]
 
     def text_predictions(self, model: nn.Module, batch: Batch) -> list[str]:
         """A Markdown table of a batch of texts (the vocabulary's words, `<unk>` for the others) with their true
@@ -172,6 +198,22 @@ def plot_confusion(cm: list[list[int]], classes: list[str], path: Path) -> None:
     ax.set_yticks(range(k), classes, fontsize=8)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
+    save_figure(fig, path)
+
+
+def plot_attention(w: Tensor, labels: list[str], path: Path) -> None:
+    """Attention weights (layers, heads, T, T) as a grid of heat maps, a row per layer, tokens on the axes."""
+    plt = pyplot()
+    L, H, T, _ = w.shape
+    size = 1.2 + 0.12 * T
+    fig, axes = plt.subplots(L, H, figsize=(size * H, size * L), squeeze=False)
+    for i in range(L):
+        for j in range(H):
+            ax = axes[i][j]
+            ax.imshow(w[i, j].numpy(), cmap="viridis", vmin=0, vmax=max(float(w[i, j].max()), 1e-6))
+            ax.set_title(f"layer {i + 1}, head {j + 1}", fontsize=7)
+            ax.set_xticks(range(T), labels if i == L - 1 else [""] * T, rotation=90, fontsize=5)
+            ax.set_yticks(range(T), labels if j == 0 else [""] * T, fontsize=5)
     save_figure(fig, path)
 
 
