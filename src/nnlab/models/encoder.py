@@ -29,7 +29,7 @@ from ..config import check
 from ..data.corpus import MaskedTextSpec
 from ..data.sentences import TextSpec
 from . import gpt2_init, models
-from .transformer import BlockConfig, EncoderLayer, add_positions, check_positions
+from .transformer import BlockConfig, EncoderLayer, add_positions, check_blocks
 
 POOLINGS = ("cls", "mean", "max")
 
@@ -47,13 +47,8 @@ class EncoderConfig:
     pooling: str = "mean"  # cls (a learned first token's final state) | mean | max, over the real positions
 
     def __post_init__(self) -> None:
-        for key in ("n_layer", "n_head", "n_embd", "ff_mult"):
-            check(getattr(self, key) >= 1, f"model.{key}", "must be >= 1")
-        check(self.n_embd % self.n_head == 0, "model.n_embd", f"must be divisible by model.n_head={self.n_head}")
-        check(0 <= self.dropout < 1, "model.dropout", "must be in [0, 1)")
-        check(self.norm in ("pre", "post"), "model.norm", "must be pre or post")
+        check_blocks(self)
         check(self.pooling in POOLINGS, "model.pooling", f"must be one of {', '.join(POOLINGS)}")
-        check_positions(self)
 
 
 class TextEncoder(nn.Module):

@@ -45,12 +45,7 @@ class TransformerConfig:
     share_embeddings: bool = True  # when spec.shared: one embedding table for source, target and the output layer
 
     def __post_init__(self) -> None:
-        for key in ("n_layer", "n_head", "n_embd", "ff_mult"):
-            check(getattr(self, key) >= 1, f"model.{key}", "must be >= 1")
-        check(self.n_embd % self.n_head == 0, "model.n_embd", f"must be divisible by model.n_head={self.n_head}")
-        check(0 <= self.dropout < 1, "model.dropout", "must be in [0, 1)")
-        check(self.norm in ("pre", "post"), "model.norm", "must be pre or post")
-        check_positions(self)
+        check_blocks(self)
 
 
 class BlockConfig(Protocol):
@@ -64,7 +59,13 @@ class BlockConfig(Protocol):
     positions: str
 
 
-def check_positions(cfg: BlockConfig) -> None:
+def check_blocks(cfg: BlockConfig) -> None:
+    """The checks of every config of these blocks (sizes, dropout, norm, positions), named as `model.<key>`."""
+    for key in ("n_layer", "n_head", "n_embd", "ff_mult"):
+        check(getattr(cfg, key) >= 1, f"model.{key}", "must be >= 1")
+    check(cfg.n_embd % cfg.n_head == 0, "model.n_embd", f"must be divisible by model.n_head={cfg.n_head}")
+    check(0 <= cfg.dropout < 1, "model.dropout", "must be in [0, 1)")
+    check(cfg.norm in ("pre", "post"), "model.norm", "must be pre or post")
     check(cfg.positions in POSITIONS, "model.positions", f"must be one of {', '.join(POSITIONS)}")
     check(cfg.positions != "sinusoidal" or cfg.n_embd % 2 == 0, "model.n_embd",
           "sinusoidal positions need an even n_embd")
