@@ -39,7 +39,7 @@ from ..config import check
 from ..errors import UserError
 from . import Batch, Loader, Spec, datasets, pad, specs
 from .files import find_files, fix_hint
-from .sentences import PAD, UNK, VOCAB
+from .sentences import PAD, UNK, VOCAB, by_frequency
 
 CHARS = "chars.json"  # the character vocabulary's asset file name (the words': VOCAB, vocab.json)
 DOCSTART = "-DOCSTART-"
@@ -133,8 +133,7 @@ class Vocab:
 
     @staticmethod
     def fit(counts: Counter, min_freq: int = 1) -> Vocab:
-        kept = sorted((w for w, c in counts.items() if c >= min_freq), key=lambda w: (-counts[w], w))
-        return Vocab([PAD, UNK, *kept])
+        return Vocab([PAD, UNK, *by_frequency(counts, min_freq)])
 
     def __len__(self) -> int:
         return len(self.items)

@@ -58,6 +58,12 @@ IMDB_CACHE_VERSION = 1  # bump when the parsing of the archive changes
 FINPHRASE = "FinancialPhraseBank-v1.0/Sentences_AllAgree.txt"
 
 
+def by_frequency(counts: Counter, min_freq: int = 1) -> list[str]:
+    """The items counted at least `min_freq` times, the most frequent first (ties in alphabetical order): the
+    order of every word vocabulary, so ids do not depend on the order the data was read in."""
+    return sorted((w for w, c in counts.items() if c >= min_freq), key=lambda w: (-counts[w], w))
+
+
 class WordTokenizer:
     """Lower-cased words and punctuation marks (`WORD`) to ids: 0 pads, 1 is any word outside the vocabulary,
     then the words of the training split by falling frequency (ties in alphabetical order)."""
@@ -76,7 +82,7 @@ class WordTokenizer:
         """The words seen at least `min_freq` times, the most frequent first, after the `specials` (pad, unknown
         and, for a masked LM, `<mask>`: never a word of `split`), at most `max_size` ids in all (0: no limit)."""
         counts = Counter(w for t in texts for w in WordTokenizer.split(t))
-        kept = sorted((w for w, c in counts.items() if c >= min_freq), key=lambda w: (-counts[w], w))
+        kept = by_frequency(counts, min_freq)
         return WordTokenizer([*specials, *(kept[:max_size - len(specials)] if max_size else kept)])
 
     @property
