@@ -27,16 +27,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import line, measure  # noqa: E402
 from recipes import train  # noqa: E402
+from text_speed import throughput  # noqa: E402
 
 import nnlab as nl  # noqa: E402
 from nnlab.data.files import find_files  # noqa: E402
 from nnlab.data.sentences import read_imdb  # noqa: E402
-from nnlab.infer import load_model  # noqa: E402
 
 
 def peers(reviews: dict) -> list[dict]:
@@ -65,22 +64,6 @@ def peers(reviews: dict) -> list[dict]:
     rows.append({"model": "nb-lr (1-3-grams)", "test_acc": acc, "wall_s": time.perf_counter() - t0})
     print(json.dumps(rows[-1]), file=sys.stderr)
     return rows
-
-
-@torch.inference_mode()
-def throughput(folder: Path, texts: list[str], batch: int, seconds: float = 3.0) -> float:
-    """Texts/s of the model's forward pass on `texts` at `batch` (encoding not counted), after a warm-up."""
-    loaded = load_model(folder, "best")
-    model, spec = loaded.model.eval(), loaded.spec
-    batches = [spec.encode(texts[i:i + batch])[0] for i in range(0, len(texts), batch)]
-    model(batches[0]["x"])
-    done, t0 = 0, time.perf_counter()
-    for b in batches:
-        model(b["x"])
-        done += len(b["x"])
-        if time.perf_counter() - t0 > seconds:
-            break
-    return done / (time.perf_counter() - t0)
 
 
 def main() -> None:

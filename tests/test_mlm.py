@@ -22,6 +22,7 @@ from nnlab import run as R
 from nnlab.cli import main
 from nnlab.config import load_config, section_from_dict
 from nnlab.data import Batch, datasets
+from nnlab.data.conll import TagSpec
 from nnlab.data.corpus import MASK, MASK_ID, MaskedTextSpec, UnlabelledConfig
 from nnlab.data.sentences import SentencesConfig, TextSpec
 from nnlab.errors import UserError
@@ -236,3 +237,38 @@ def test_vocab_from_refuses_a_run_without_a_text_tokenizer(tmp_path: Path, tiny_
         datasets["sst2"].factory(SentencesConfig(data_dir=str(tmp_path / "data"), vocab_from=image_run))
     with pytest.raises(UserError, match=r"data.vocab_from=.*nowhere"):
         datasets["sst2"].factory(SentencesConfig(data_dir=str(tmp_path / "data"), vocab_from=str(tmp_path / "nowhere")))
+
+
+def test_recipe_sizes_let_conll_best_start_from_conll_mlm() -> None:
+    mlm, best = load_config("conll-mlm"), load_config("conll-best")
+    assert mlm.data.max_len == best.data.max_len and best.model.encoder_layers == mlm.model.n_layer
+    theirs = build("encoder-mlm", mlm.model, MaskedTextSpec(vocab_size=50, max_len=mlm.data.max_len)).state_dict()
+    spec = TagSpec(vocab_size=40, char_vocab_size=20, num_tags=9, tags=["O"] * 9, max_len=best.data.max_len,
+                   token_vocab_size=50, token_kind="word")
+    mine = build("tagger", best.model, spec).state_dict()
+    loaded = [k for k, v in mine.items() if k in theirs and theirs[k].shape == v.shape]
+    assert loaded == [k for k in mine if k.startswith("encoder.")] and len(loaded) == len(
+        [k for k in theirs if k.startswith("encoder.")])
+
+
+def test_tagger_starts_from_a_masked_lm_through_the_cli(tmp_path: Path, capsys) -> None:
+    """conll-best's path: a tagger reads each word's id under the pretraining run's tokenizer (`tokens`) and copies
+    its encoder; the same model without init.from starts it anew."""
+    write_sources(tmp_path / "data")
+    out = ["--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "runs"), "-q"]
+    assert main(["train", "conll-mlm", *SMALL, *out]) == 0, capsys.readouterr().err
+    mlm = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    tagger = ["model.encoder_layers=1", "model.n_head=2", "model.n_embd=16", "model.embed=8", "model.hidden=8",
+              "model.char_embed=4", "model.char_hidden=4", "data.max_len=24", "train.epochs=2", "train.batch_size=4",
+              "train.threads=1", "train.tensorboard=false", "train.log_every=2"]
+    assert main(["train", "conll-best", *tagger, f"init.from={mlm}", f"data.vocab_from={mlm}", *out]) == 0, \
+        capsys.readouterr().err
+    run = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    table = json.loads((run / R.INIT).read_text())
+    assert table["loaded"] == [k for k in table["loaded"] if k.startswith("encoder.")] and table["loaded"]
+    assert not [k for k in table["new"] if k.startswith("encoder.")]
+    spec = R.read_meta(R.checkpoint_dir(run))["spec"]
+    assert spec["token_vocab_size"] == R.read_meta(R.checkpoint_dir(mlm))["spec"]["vocab_size"]
+    assert (R.checkpoint_dir(run) / R.ASSETS / "tokens.json").exists()
+    assert main(["predict", str(run), "--text", "Conlltrainword said hello", "--json"]) == 0
+    assert "entities" in json.loads(capsys.readouterr().out.splitlines()[0])

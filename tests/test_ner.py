@@ -190,8 +190,8 @@ def test_reader_keeps_documents_and_converts_tags(tmp_path: Path) -> None:
     assert bio.spec.num_tags == 9
     s = next(s for s in train if "B-MISC" in s.tags)  # IOB1: B- only where an entity follows one of its type
     i = s.tags.index("B-MISC")
-    assert bio.spec.tags[bio.rows["train"][train.index(s)][2][i]] == "B-MISC"
-    assert data.spec.tags[data.rows["train"][train.index(s)][2][i - 1]] == "S-MISC"
+    assert bio.spec.tags[bio.rows["train"][train.index(s)]["y"][i]] == "B-MISC"
+    assert data.spec.tags[data.rows["train"][train.index(s)]["y"][i - 1]] == "S-MISC"
 
 
 def test_singletons_are_read_as_unknown_in_training_only(tmp_path: Path) -> None:
@@ -264,6 +264,24 @@ def test_tagger_reads_real_words_only(char: str, crf: bool) -> None:
         nll = net(x, chars, b["y"])
         assert nll.shape == (5,) and (nll > 0).all()
         assert net.decode(em, x != 0).shape == x.shape
+
+
+def test_encoder_tagger_without_lstm_reads_tokens_and_refuses_long_sentences() -> None:
+    spec = TagSpec(vocab_size=40, char_vocab_size=20, num_tags=9, tags=["O"] * 9, max_len=6, token_vocab_size=30,
+                   token_kind="word")
+    cfg = section_from_dict(models, {"name": "tagger", "lstm": False, "encoder_layers": 1, "n_head": 2,
+                                     "n_embd": 16, "embed": 8, "char_embed": 4, "char_hidden": 4})
+    model = build("tagger", cfg, spec).eval()
+    batch = spec.example(3)
+    assert "tokens" in batch and model.lstm is None and model.out.in_features == 8 + 4 + 16
+    em = model(batch["x"], batch["chars"], tokens=batch["tokens"])
+    other = model(batch["x"], batch["chars"], tokens=batch["tokens"].clamp(max=3))
+    assert em.shape == (3, batch["x"].shape[1], 9) and not torch.allclose(em, other)  # the encoder reads tokens
+    long = torch.ones(1, 7, dtype=torch.int64)
+    with pytest.raises(UserError, match="longer than the encoder's 6 learned positions"):
+        model(long, torch.ones(1, 7, 2, dtype=torch.int64), tokens=long)
+    with pytest.raises(UserError, match="model.lstm"):
+        section_from_dict(models, {"name": "tagger", "lstm": False, "char": "none"})
 
 
 def test_bilstm_equals_packed_lstm() -> None:

@@ -5,9 +5,11 @@ recipes through the real CLI (train, then predict on text), and bad inputs to pr
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import random
+import re
 import tarfile
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from nnlab.data.text import TOKENIZER
 from nnlab.errors import UserError
 from nnlab.models import build, models
 from nnlab.models.encoder import EncoderClassifier  # registers `encoder` (models/__init__.py imports it too)
+from nnlab.models.fasttext import HASH_MUL
 
 GOOD = ["good", "great", "fun", "lovely", "superb", "moving"]
 BAD = ["bad", "dull", "awful", "boring", "poor", "tedious"]
@@ -102,6 +105,13 @@ def test_text_spec_encode_bad_inputs() -> None:
     assert x[3].tolist() == [spec.tok.index["good"], 0, 0, 0, 0]  # right-padded with 0
     assert batch["notes"] == [None, "cut to the model's limit of 5 tokens (the text has 20)",
                               "cut to the model's limit of 5 tokens (the text has 6)", None]
+    ends = dataclasses.replace(spec, cut="ends")
+    ends.assets = spec.assets
+    words = "a good film bad a bad film".split()  # 7 tokens: the first quarter of 5 (1) and the last 4 are kept
+    assert ends.encode([" ".join(words)])[0]["x"][0].tolist() == [ends.tok.index[w] for w in words[:1] + words[3:]]
+    assert ends.encode([" ".join(words)])[0]["notes"] == [
+        "cut to the model's limit of 5 tokens: its first 1 and last 4 (the text has 7)"]
+    assert ends.ids(["a good"])[0].tolist() == spec.ids(["a good"])[0].tolist()  # a short text is whole either way
     assert spec.encode(["", " "]) == (None, ["empty text", "empty text"])
     b = spec.example(6)
     assert b["x"].shape[0] == 6 and b["y"].max() < 2 and (b["x"][:, 0] != 0).all()
@@ -202,6 +212,19 @@ def test_rnn_pools_over_real_positions_only(pooling: str, cell: str, layers: int
         assert torch.allclose(net(x), net(more), atol=1e-5) and torch.allclose(net(x[:3]), alone, atol=1e-5)
 
 
+def test_word_dropout_reads_words_as_unknown_in_training_only() -> None:
+    spec = TextSpec(vocab_size=30, num_classes=3, classes=["a", "b", "c"], max_len=20)
+    net = model("rnn", spec, word_dropout=0.5, hidden=8, embed=8)
+    seen = []
+    net.embed.register_forward_hook(lambda m, inp, out: seen.append(inp[0].clone()))
+    x = spec.example(64)["x"]
+    net.train()(x)
+    net.eval()(x)
+    dropped = (seen[0] != x) & (x != 0)
+    assert (seen[0][dropped] == 1).all() and 0.4 < dropped.sum() / (x != 0).sum() < 0.6  # unknown, about half
+    assert (seen[0][x == 0] == 0).all() and torch.equal(seen[1], x)  # padding stays; evaluation reads every word
+
+
 def test_fasttext_padding_invariance_and_bigrams() -> None:
     spec = TextSpec(vocab_size=30, num_classes=2, classes=["a", "b"], max_len=20)
     net = model("fasttext", spec, dim=8, buckets=64)
@@ -213,6 +236,13 @@ def test_fasttext_padding_invariance_and_bigrams() -> None:
         assert not torch.allclose(net(words), net(words.flip(1)))  # bigrams see the order
         plain = model("fasttext", spec, dim=8, buckets=0)
         assert torch.allclose(plain(words), plain(words.flip(1)), atol=1e-6)  # a bag of words does not
+        tri = model("fasttext", spec, dim=8, buckets=64, ngrams=3)
+        assert torch.allclose(tri(x), tri(more), atol=1e-6)
+        w = words[0].tolist()
+        bi = [(a * HASH_MUL + b) % 64 for a, b in zip(w, w[1:], strict=False)]  # 3 bigrams' buckets
+        tri_ = [(h * HASH_MUL + c) % 64 for h, c in zip(bi, w[2:], strict=False)]  # 2 trigrams'
+        mean = torch.cat([tri.words(words[0]), tri.bigrams(torch.tensor(bi + tri_))]).mean(0)
+        assert torch.allclose(tri(words)[0], tri.head(mean), atol=1e-6)
 
 
 def test_sst2_recipe_trains_and_predicts_text(tmp_path: Path) -> None:
@@ -224,6 +254,11 @@ def test_sst2_recipe_trains_and_predicts_text(tmp_path: Path) -> None:
     assert run.summary["status"] == "completed" and run.final["test/acc"] > 0.8  # the sentiment words are learnable
     report = (folder / R.REPORT).read_text()
     assert "## test: per-class report" in report and "| text | true | predicted |" in report
+    mistakes = report.split("## The most confident mistakes")  # of the test texts, the surest first
+    assert len(mistakes) == (2 if run.final["test/acc"] < 1 else 1)
+    if len(mistakes) == 2:
+        probs = [float(p) for p in re.findall(r"\((\d\.\d+)\) ✗ \|", mistakes[1].split("\n## ")[0])]
+        assert probs and probs == sorted(probs, reverse=True)
     res = nnlab("predict", str(folder), "--text", "a very lovely and moving film", "--text", "dull , boring plot",
                 "--text", "  ", "--json", "--top", "2")
     rows = [json.loads(line) for line in res.stdout.splitlines()]

@@ -17,9 +17,14 @@ frequency in the training split (`min_freq`); `singleton_unk` reads a word seen 
 that probability during training (Lample et al. 2016: the unknown word's embedding gets trained). The case and
 the digits stay visible to the model through the characters of each word, which keep the original text.
 
+Pretrained encoders: `data.vocab_from=RUN` (a masked-LM run, tasks/mlm.py) gives every word a second id, its first
+token under that run's tokenizer (asset `tokens.json`), so that a tagger can run the run's encoder (copied by
+`init.from=RUN`) on ids it was trained with; the word vocabulary above stays as it is.
+
 Batches: `Batch(x=(B, T) word ids right-padded with 0, chars=(B, T, W) character ids (0: padding),
-y=(B, T) tag ids, -100 at padding)`, cut from length-bucketed runs of sentences. Sentences are never cut;
-`max_len` only limits the texts that `predict` tags.
+y=(B, T) tag ids, -100 at padding)`, plus `tokens=(B, T)` (the pretrained tokenizer's ids, 0 at padding) with
+`vocab_from`, cut from length-bucketed runs of sentences. Sentences are never cut; `max_len` only limits the
+texts that `predict` tags.
 """
 
 from __future__ import annotations
@@ -39,9 +44,10 @@ from ..config import check
 from ..errors import UserError
 from . import Batch, Loader, Spec, datasets, pad, specs
 from .files import find_files, fix_hint
-from .sentences import PAD, UNK, VOCAB, by_frequency
+from .sentences import PAD, UNK, UNK_ID, VOCAB, Tokenizer, by_frequency, read_tokenizer, run_tokenizer
 
 CHARS = "chars.json"  # the character vocabulary's asset file name (the words': VOCAB, vocab.json)
+TOKENS = "tokens.json"  # with data.vocab_from: that run's tokenizer, giving each word its `tokens` id
 DOCSTART = "-DOCSTART-"
 FILES = {"train": "eng.train", "val": "eng.testa", "test": "eng.testb"}
 SCHEMES = {"bio": "BI", "bioes": "BIES"}  # the prefixes of each scheme
@@ -166,6 +172,8 @@ class TagSpec(Spec):
     scheme: str = "bioes"
     max_len: int = 256  # words per text that `predict` tags; the rest are cut (with a note)
     max_word_len: int = 30  # characters per word the character features see; longer words keep their first ones
+    token_vocab_size: int = 0  # with data.vocab_from: the pretrained tokenizer's size (0: no `tokens` ids)
+    token_kind: str = ""  # with data.vocab_from: that tokenizer's kind (word | char | bpe | wordpiece)
     inputs: ClassVar[str] = "text"
 
     @property
@@ -186,12 +194,22 @@ class TagSpec(Spec):
     def chars(self) -> Vocab:
         return self._asset(CHARS)
 
-    def tensors(self, words: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Word ids (L,) and character ids (L, W), W the longest word's characters (at most `max_word_len`)."""
+    @cached_property
+    def tokenizer(self) -> Tokenizer:
+        if TOKENS not in self.assets:
+            raise UserError(f"the checkpoint has no assets/{TOKENS}: retrain the run")
+        return read_tokenizer(self.token_kind, self.assets[TOKENS].decode())
+
+    def tensors(self, words: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Word ids x (L,), character ids chars (L, W) (W: the longest word's characters, at most
+        `max_word_len`) and, with a pretrained tokenizer, tokens (L,): each word's first token (unknown if none)."""
         x = torch.tensor(self.words.ids([normalise(w) for w in words]))
         ids = [self.chars.ids(list(w[:self.max_word_len])) for w in words]
         width = max(map(len, ids))
-        return x, torch.tensor([row + [0] * (width - len(row)) for row in ids])
+        row = {"x": x, "chars": torch.tensor([r + [0] * (width - len(r)) for r in ids])}
+        if self.token_vocab_size:
+            row["tokens"] = torch.tensor([t[0] if t else UNK_ID for t in self.tokenizer.encode_lines(words)])
+        return row
 
     def encode(self, inputs: Sequence[str]) -> tuple[Batch | None, list[str | None]]:
         errors: list[str | None] = [None if line.strip() else "empty text" for line in inputs]
@@ -199,10 +217,9 @@ class TagSpec(Spec):
         if not found:
             return None, errors
         rows = [self.tensors([w for w, _, _ in f[:self.max_len]]) for f in found]
-        x, chars, _ = collate(rows)
         notes = [f"cut to the model's limit of {self.max_len} words (the text has {len(f)}; the rest is not tagged)"
                  if len(f) > self.max_len else None for f in found]
-        return Batch(x=x, chars=chars, spans=[[(a, b) for _, a, b in f[:self.max_len]] for f in found],
+        return Batch(**collate(rows), spans=[[(a, b) for _, a, b in f[:self.max_len]] for f in found],
                      notes=notes), errors
 
     def example(self, n: int) -> Batch:
@@ -213,18 +230,20 @@ class TagSpec(Spec):
         chars = torch.randint(2, self.char_vocab_size, (*real.shape, w))  # (B, T, W)
         chars = chars.masked_fill(torch.arange(w) >= torch.randint(1, w + 1, real.shape)[..., None], 0)
         chars = chars.masked_fill(~real[..., None], 0)
-        return Batch(x=x, chars=chars, y=torch.randint(0, self.num_tags, real.shape).masked_fill(~real, IGNORE))
+        out = Batch(x=x, chars=chars, y=torch.randint(0, self.num_tags, real.shape).masked_fill(~real, IGNORE))
+        if self.token_vocab_size:
+            out.fields["tokens"] = torch.randint(2, self.token_vocab_size, real.shape).masked_fill(~real, 0)
+        return out
 
 
-def collate(rows: Sequence[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(word ids (L,), char ids (L, W)[, tag ids (L,)]) per sentence as x (B, T) padded with 0, chars (B, T, W)
-    padded with 0, y (B, T) padded with IGNORE (None without tags)."""
-    x, _ = pad([r[0] for r in rows])
-    chars = torch.zeros(*x.shape, max(r[1].shape[1] for r in rows), dtype=torch.int64)  # (B, T, W)
+def collate(rows: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Sentences' fields (`TagSpec.tensors`, and tag ids y (L,)) as a batch's: x (B, T) and tokens (B, T) padded
+    with 0, chars (B, T, W) padded with 0, y (B, T) padded with IGNORE."""
+    out = {k: pad([r[k] for r in rows], IGNORE if k == "y" else 0)[0] for k in rows[0] if k != "chars"}
+    chars = torch.zeros(*out["x"].shape, max(r["chars"].shape[1] for r in rows), dtype=torch.int64)  # (B, T, W)
     for i, r in enumerate(rows):
-        chars[i, :r[1].shape[0], :r[1].shape[1]] = r[1]
-    y = pad([r[2] for r in rows], IGNORE)[0] if len(rows[0]) > 2 else None
-    return x, chars, y
+        chars[i, :r["chars"].shape[0], :r["chars"].shape[1]] = r["chars"]
+    return out | {"chars": chars}
 
 
 @dataclass
@@ -236,6 +255,7 @@ class ConllConfig:
     singleton_unk: float = 0.5  # training: a word seen once in train is read as unknown with this probability
     max_len: int = 256  # words per text that predict tags (data sentences are never cut)
     max_word_len: int = 30  # characters per word the character features see
+    vocab_from: str = ""  # a masked-LM run whose tokenizer gives each word a `tokens` id, for its encoder (init.from)
     bucket: int = 50  # sort runs of this many batches by length before batching (0: off)
 
     def __post_init__(self) -> None:
@@ -268,16 +288,20 @@ class TagData:
         words = Vocab.fit(counts, cfg.min_freq)
         chars = Vocab.fit(Counter(c for s in train for w in s.words for c in w))
         tags = ["O", *(f"{p}-{k}" for k in types for p in SCHEMES[cfg.scheme])]
+        kind, tok = run_tokenizer(cfg.vocab_from) if cfg.vocab_from else ("", None)
         self.spec = TagSpec(vocab_size=len(words), char_vocab_size=len(chars), num_tags=len(tags), tags=tags,
-                            scheme=cfg.scheme, max_len=cfg.max_len, max_word_len=cfg.max_word_len)
+                            scheme=cfg.scheme, max_len=cfg.max_len, max_word_len=cfg.max_word_len,
+                            token_vocab_size=tok.vocab_size if tok else 0, token_kind=kind)
         self.spec.assets[VOCAB] = words.to_json("words").encode()
         self.spec.assets[CHARS] = chars.to_json("chars").encode()
+        if tok:
+            self.spec.assets[TOKENS] = tok.to_json().encode()
         self.singletons = torch.zeros(len(words), dtype=torch.bool)  # (V,) words seen once in train
         self.singletons[torch.tensor([words.index[w] for w, c in counts.items() if c == 1 and w in words.index],
                                      dtype=torch.int64)] = True
         index = {t: i for i, t in enumerate(tags)}
-        self.rows = {split: [(*self.spec.tensors(s.words),
-                              torch.tensor([index[t] for t in to_scheme(spans(s.tags), len(s.tags), cfg.scheme)]))
+        self.rows = {split: [self.spec.tensors(s.words) | {
+                             "y": torch.tensor([index[t] for t in to_scheme(spans(s.tags), len(s.tags), cfg.scheme)])}
                              for s in rows] for split, rows in sentences.items()}
 
     def loader(self, split: str, batch_size: int, *, train: bool = False, seed: int = 0, rank: int = 0,
@@ -288,14 +312,14 @@ class TagData:
         singletons = self.singletons.to(device)
 
         def make(idx: torch.Tensor, epoch: int, gen: torch.Generator) -> Batch:
-            x, chars, y = collate([rows[i] for i in idx.cpu().tolist()])
-            x, chars, y = x.to(device), chars.to(device), y.to(device)
+            b = Batch(**collate([rows[i] for i in idx.cpu().tolist()])).to(device)
             if p:  # singletons read as unknown (Lample et al. 2016), drawn from this batch's generator
+                x = b["x"]
                 drop = singletons[x] & (torch.rand(x.shape, generator=gen, device=gen.device) < p).to(x.device)
-                x = x.masked_fill(drop, 1)
-            return Batch(x=x, chars=chars, y=y)
+                b.fields["x"] = x.masked_fill(drop, 1)
+            return b
 
-        lengths = torch.tensor([len(r[0]) for r in rows])
+        lengths = torch.tensor([len(r["x"]) for r in rows])
         return Loader(len(rows), batch_size, make, shuffle=train, drop_last=train, seed=seed, rank=rank, world=world,
                       device=device, lengths=lengths, bucket=self.cfg.bucket)
 

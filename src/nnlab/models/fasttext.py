@@ -1,9 +1,10 @@
 """fastText text classifier (Joulin et al. 2017, "Bag of Tricks for Efficient Text Classification"): the mean
-of the embeddings of a text's words and of its hashed word bigrams, over the real positions -> a linear head.
+of the embeddings of a text's words and of its hashed word n-grams (bigrams, and trigrams with `ngrams: 3`), over
+the real positions -> a linear head.
 
-As in the paper, bigrams share a fixed table of `buckets` rows by hashing (the hashing trick; fastText's own
-default is 2M rows, the paper's 10M): two bigrams may share a row, which costs little accuracy and bounds the
-memory whatever the corpus. A bigram is two adjacent real words; padding never enters the mean, so the logits
+As in the paper, n-grams share a fixed table of `buckets` rows by hashing (the hashing trick; fastText's own
+default is 2M rows, the paper's 10M): two n-grams may share a row, which costs little accuracy and bounds the
+memory whatever the corpus. An n-gram is n adjacent real words; padding never enters the mean, so the logits
 of a text do not depend on the batch it is padded into. The input vectors start uniform in +-1/dim and the
 head at zero, as in fastText's code.
 """
@@ -26,19 +27,21 @@ HASH_MUL = 116_049_371  # multiplier of the bigram hash (the one fastText's word
 class FastTextConfig:
     name: str = "fasttext"
     dim: int = 64  # embedding width of words and bigrams (the paper: 10)
-    buckets: int = 2**18  # rows of the hashed bigram table (0: words only); 2**18 x 64 floats = 64 MiB
+    buckets: int = 2**18  # rows of the hashed n-gram table (0: words only); 2**18 x 64 floats = 64 MiB
+    ngrams: int = 2  # the longest word n-gram embedded besides the words: 2 (bigrams) | 3 (and trigrams)
     dropout: float = 0.0  # on the mean embedding, before the head
 
     def __post_init__(self) -> None:
         check(self.dim >= 1, "model.dim", "must be >= 1")
         check(self.buckets >= 0, "model.buckets", "must be >= 0")
+        check(self.ngrams in (2, 3), "model.ngrams", "must be 2 (bigrams) or 3 (bigrams and trigrams)")
         check(0 <= self.dropout < 1, "model.dropout", "must be in [0, 1)")
 
 
 class FastText(nn.Module):
     def __init__(self, cfg: FastTextConfig, vocab_size: int, num_classes: int, pad_id: int = 0):
         super().__init__()
-        self.pad_id, self.buckets = pad_id, cfg.buckets
+        self.pad_id, self.buckets, self.ngrams = pad_id, cfg.buckets, cfg.ngrams
         self.words = nn.Embedding(vocab_size, cfg.dim, padding_idx=pad_id)
         self.bigrams = nn.Embedding(cfg.buckets, cfg.dim) if cfg.buckets else None
         for emb in (self.words, self.bigrams):
@@ -55,11 +58,14 @@ class FastText(nn.Module):
         real = x != self.pad_id  # (B, T)
         total = (self.words(x) * real[..., None]).sum(1)  # (B, D)
         count = real.sum(1)  # (B,)
-        if self.bigrams is not None and x.shape[1] > 1:
-            pair = real[:, :-1] & real[:, 1:]  # (B, T-1): both words real
-            h = (x[:, :-1] * HASH_MUL + x[:, 1:]) % self.buckets  # (B, T-1) bucket of each bigram
-            total = total + (self.bigrams(h) * pair[..., None]).sum(1)  # (B, D)
-            count = count + pair.sum(1)
+        h, ok = x, real  # (B, T): the hash of the n-gram ending at each position, and whether it is all real
+        for n in range(2, self.ngrams + 1 if self.bigrams is not None else 2):
+            if x.shape[1] < n:
+                break
+            ok = ok[:, :-1] & real[:, n - 1:]  # (B, T-n+1): n real words
+            h = (h[:, :-1] * HASH_MUL + x[:, n - 1:]) % self.buckets  # (B, T-n+1) bucket of each n-gram
+            total = total + (self.bigrams(h) * ok[..., None]).sum(1)  # (B, D)
+            count = count + ok.sum(1)
         mean = total / count.clamp(min=1)[:, None].to(total.dtype)  # (B, D)
         return self.head(self.drop(mean))
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import check
-from ..data.sentences import TextSpec
+from ..data.sentences import UNK_ID, TextSpec
 from . import models
 
 CELLS = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
@@ -76,6 +76,7 @@ class RNNConfig:
     embed: int = 128  # word embedding width
     hidden: int = 128  # hidden units per direction and layer
     dropout: float = 0.3  # on the embeddings, between stacked layers and before the head
+    word_dropout: float = 0.0  # training: each word is read as the unknown word with this probability
     pooling: str = "max"  # over the real positions: max | mean | last (the final state of each direction)
 
     def __post_init__(self) -> None:
@@ -83,13 +84,13 @@ class RNNConfig:
         check(self.pooling in ("max", "mean", "last"), "model.pooling", "must be max, mean or last")
         for key in ("n_layer", "embed", "hidden"):
             check(getattr(self, key) >= 1, f"model.{key}", "must be >= 1")
-        check(0 <= self.dropout < 1, "model.dropout", "must be in [0, 1)")
+        check(0 <= self.dropout < 1 and 0 <= self.word_dropout < 1, "model.dropout", "must be in [0, 1)")
 
 
 class RNNClassifier(nn.Module):
     def __init__(self, cfg: RNNConfig, vocab_size: int, num_classes: int, pad_id: int = 0):
         super().__init__()
-        self.pooling, self.pad_id = cfg.pooling, pad_id
+        self.pooling, self.pad_id, self.word_dropout = cfg.pooling, pad_id, cfg.word_dropout
         self.embed = nn.Embedding(vocab_size, cfg.embed, padding_idx=pad_id)
         self.rnn = Recurrent(cfg.embed, cfg.hidden, cfg.n_layer, cfg.bidirectional, cfg.dropout, cfg.cell)
         self.drop = nn.Dropout(cfg.dropout)
@@ -98,6 +99,8 @@ class RNNClassifier(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # (B, T) word ids, right-padded -> (B, num_classes) logits
         T = x.shape[1]
         lengths = (x != self.pad_id).sum(1).clamp(min=1)  # (B,) an all-padding row reads one padding token
+        if self.training and self.word_dropout:  # words as unknown (Iyyer et al. 2015 drop words from the input)
+            x = x.masked_fill((torch.rand(x.shape, device=x.device) < self.word_dropout) & (x != self.pad_id), UNK_ID)
         out = self.rnn(self.drop(self.embed(x)), lengths)  # (B, T, D * H)
         if self.pooling == "last":
             pooled = self.rnn.last(out, lengths)  # (B, D * H)

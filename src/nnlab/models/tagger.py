@@ -2,13 +2,19 @@
 2016, "Neural Architectures for Named Entity Recognition"; Ma & Hovy 2016, "End-to-end Sequence Labeling via
 Bi-directional LSTM-CNNs-CRF").
 
-    word embedding ++ char features (CNN + max-pool, or BiLSTM final states) -> dropout -> BiLSTM -> dropout
-    -> linear: emission scores (B, T, num_tags) -> CRF (or independent softmaxes)
+    word embedding ++ char features (CNN + max-pool, or BiLSTM final states) [++ Transformer encoder states]
+    -> dropout -> BiLSTM (or none) -> dropout -> linear: emission scores (B, T, num_tags) -> CRF (or softmaxes)
+
+The Transformer encoder (`encoder_layers` > 0) is models/encoder.py's `TextEncoder`, named `encoder.*` as in the
+masked-LM model `encoder-mlm`: `init.from` a conll-mlm run copies it (with `data.vocab_from` that run, it reads
+the words' ids under the run's tokenizer, the batch's `tokens`; Peters et al. 2018 feed a pretrained LM's states
+to a BiLSTM-CRF this way). Without the BiLSTM (`lstm: false`) the encoder alone gives each word its context.
 
 The contract with the tagging task (tasks/tagging.py, its `Tagger` protocol):
-- `forward(x, chars)` -> emission scores (B, T, num_tags); `forward(x, chars, y)` -> each sentence's negative
-  log-likelihood (B,), summed over its words. The loss is computed inside `forward` so that DistributedDataParallel,
-  which wraps only `forward`, sees every parameter it uses (the CRF's transitions too).
+- `forward(x, chars, tokens=)` -> emission scores (B, T, num_tags); `forward(x, chars, y, tokens=)` -> each
+  sentence's negative log-likelihood (B,), summed over its words. `tokens` (B, T): the words' ids under a
+  pretrained tokenizer (None: the encoder reads x). The loss is computed inside `forward` so that
+  DistributedDataParallel, which wraps only `forward`, sees every parameter it uses (the CRF's transitions too).
 - `nll(emissions, y, mask)` -> (B,) and `decode(emissions, mask)` -> (B, T) best tag ids: the CRF's, or without
   a CRF the token cross-entropy and the argmax.
 Masks are (B, T) bool, True at real words, right-padded: every sequence has at least its first word.
@@ -25,7 +31,9 @@ from torch import Tensor, nn
 
 from ..config import check
 from ..data.conll import IGNORE, TagSpec
-from . import models
+from ..errors import UserError
+from . import gpt2_init, models
+from .encoder import EncoderConfig, TextEncoder
 from .rnn import Recurrent
 
 
@@ -119,11 +127,20 @@ class TaggerConfig:
     char_embed: int = 30  # character embedding width
     char_hidden: int = 30  # cnn: filters; lstm: hidden units per direction
     char_kernel: int = 3  # cnn: characters per convolution window
+    lstm: bool = True  # a BiLSTM over the word features (False: they go straight to the output layer)
     hidden: int = 200  # LSTM hidden units per direction and layer
     n_layer: int = 1  # stacked BiLSTM layers
     bidirectional: bool = True  # a second LSTM reads each sentence backwards; outputs are concatenated
     dropout: float = 0.5  # on the LSTM's input and output (and the character embeddings of the cnn)
     crf: bool = True  # a CRF over the tags (False: an independent softmax per word)
+    encoder_layers: int = 0  # Transformer encoder layers over the words (models/encoder.py); 0: no encoder
+    n_head: int = 4  # encoder: attention heads per layer
+    n_embd: int = 128  # encoder: width (a pretrained encoder's, to be copied by init.from)
+    ff_mult: int = 4  # encoder: feed-forward width = ff_mult * n_embd
+    norm: str = "pre"  # encoder: pre | post layer norm
+    positions: str = "learned"  # encoder: learned (data.max_len rows) | sinusoidal | rotary
+    encoder_dropout: float = 0.1  # encoder: dropout inside its layers
+    encoder_lr: float = 0.0  # encoder: its own peak learning rate (a pretrained one: lower); 0: optim.lr
 
     def __post_init__(self) -> None:
         check(self.char in ("cnn", "lstm", "none"), "model.char", "must be cnn, lstm or none")
@@ -131,38 +148,64 @@ class TaggerConfig:
             check(getattr(self, key) >= 1, f"model.{key}", "must be >= 1")
         check(self.char_kernel % 2 == 1, "model.char_kernel", "must be odd (the window is centred on a character)")
         check(0 <= self.dropout < 1, "model.dropout", "must be in [0, 1)")
+        check(self.encoder_layers >= 0 and self.encoder_lr >= 0, "model.encoder_layers", "must be >= 0")
+        check(self.lstm or self.encoder_layers > 0 or self.char != "none", "model.lstm",
+              "a tagger without a BiLSTM needs an encoder (encoder_layers > 0) or character features")
+        if self.encoder_layers:
+            self.blocks()
+
+    def blocks(self) -> EncoderConfig:
+        """The encoder's config (checked as `model.<key>`)."""
+        return EncoderConfig(n_layer=self.encoder_layers, n_head=self.n_head, n_embd=self.n_embd,
+                             ff_mult=self.ff_mult, dropout=self.encoder_dropout, norm=self.norm,
+                             positions=self.positions)
 
 
 class BiLSTMTagger(nn.Module):
-    def __init__(self, cfg: TaggerConfig, vocab_size: int, char_vocab_size: int, num_tags: int):
+    def __init__(self, cfg: TaggerConfig, spec: TagSpec):
         super().__init__()
+        self.cfg = cfg
+        self.encoder = None
+        if cfg.encoder_layers:  # first, so that its GPT-2 initialisation leaves the rest's draws as without it
+            self.encoder = TextEncoder(cfg.blocks(), cfg.encoder_layers, spec.token_vocab_size or spec.vocab_size,
+                                       spec.max_len)
+            self.encoder.apply(gpt2_init)
+        vocab_size, char_vocab_size, num_tags = spec.vocab_size, spec.char_vocab_size, spec.num_tags
         self.embed = nn.Embedding(vocab_size, cfg.embed, padding_idx=0)
         self.chars: CharCNN | CharLSTM | None = None
         if cfg.char == "cnn":
             self.chars = CharCNN(char_vocab_size, cfg.char_embed, cfg.char_hidden, cfg.char_kernel, cfg.dropout)
         elif cfg.char == "lstm":
             self.chars = CharLSTM(char_vocab_size, cfg.char_embed, cfg.char_hidden)
-        width = cfg.embed + (self.chars.dim if self.chars else 0)
+        width = cfg.embed + (self.chars.dim if self.chars else 0) + (cfg.n_embd if self.encoder else 0)
         self.drop = nn.Dropout(cfg.dropout)
-        self.lstm = Recurrent(width, cfg.hidden, cfg.n_layer, cfg.bidirectional, cfg.dropout)
-        self.out = nn.Linear(self.lstm.dim, num_tags)
+        self.lstm = Recurrent(width, cfg.hidden, cfg.n_layer, cfg.bidirectional, cfg.dropout) if cfg.lstm else None
+        self.out = nn.Linear(self.lstm.dim if self.lstm else width, num_tags)
         self.crf = CRF(num_tags) if cfg.crf else None
-        for emb in (m for m in self.modules() if isinstance(m, nn.Embedding)):  # U(+-sqrt(3/dim)): variance 1/dim
+        own = (m for n, m in self.named_modules() if isinstance(m, nn.Embedding) and not n.startswith("encoder"))
+        for emb in own:  # U(+-sqrt(3/dim)): variance 1/dim
             bound = math.sqrt(3.0 / emb.embedding_dim)  # (Lample et al. 2016; Ma & Hovy 2016)
             with torch.no_grad():
                 emb.weight.uniform_(-bound, bound)
                 emb.weight[0].zero_()
 
-    def forward(self, x: Tensor, chars: Tensor, y: Tensor | None = None) -> Tensor:
-        """x (B, T) word ids right-padded with 0, chars (B, T, W) -> emissions (B, T, num_tags); with tags
-        y (B, T), each sentence's negative log-likelihood (B,) instead."""
+    def forward(self, x: Tensor, chars: Tensor, y: Tensor | None = None, tokens: Tensor | None = None) -> Tensor:
+        """x (B, T) word ids right-padded with 0, chars (B, T, W), tokens (B, T) the words' ids for the encoder
+        (None: x) -> emissions (B, T, num_tags); with tags y (B, T), each sentence's negative log-likelihood (B,)."""
         mask = x != 0  # (B, T)
         B, T = x.shape
         e = self.embed(x)  # (B, T, E)
         if self.chars is not None:
             c = self.chars(chars[mask])  # (N, C): only the N real words
             e = torch.cat([e, e.new_zeros(B, T, c.shape[1]).masked_scatter(mask[..., None], c.to(e.dtype))], -1)
-        h = self.lstm(self.drop(e), mask.sum(1))  # (B, T, D * H); any values at padding
+        if self.encoder is not None:
+            limit = self.encoder.pos.num_embeddings if self.encoder.pos is not None else T
+            if T > limit:
+                raise UserError(f"a sentence of {T} words is longer than the encoder's {limit} learned positions: "
+                                f"train with a larger data.max_len (or model.positions=rotary)")
+            h, _ = self.encoder(x if tokens is None else tokens)  # (B, T, n_embd)
+            e = torch.cat([e, h.to(e.dtype)], -1)
+        h = self.drop(e) if self.lstm is None else self.lstm(self.drop(e), mask.sum(1))  # (B, T, D * H) or (B, T, F)
         em = self.out(self.drop(h))  # (B, T, num_tags)
         return em if y is None else self.nll(em, y, mask)
 
@@ -179,9 +222,24 @@ class BiLSTMTagger(nn.Module):
         return self.crf.decode(em, mask) if self.crf is not None else em.argmax(-1)
 
 
+    def param_groups(self) -> list[dict]:
+        """Decay on >=2-D weights (optim.py's general rule); with `encoder_lr`, the encoder's at that peak rate."""
+        groups = []
+        for part, lr in ((self.encoder, self.cfg.encoder_lr), (self, 0.0)):
+            if part is None:
+                continue
+            named = [(n, p) for n, p in part.named_parameters() if p.requires_grad
+                     and (part is not self or not n.startswith("encoder."))]
+            for decay in (True, False):
+                params = [p for _, p in named if (p.ndim >= 2) == decay]
+                if params:
+                    groups.append({"params": params, "decay": decay} | ({"lr": lr} if lr and part is not self else {}))
+        return groups
+
+
 def _tagger(cfg: TaggerConfig, spec: TagSpec) -> BiLSTMTagger:
-    """Word embeddings ++ char CNN/BiLSTM features -> BiLSTM -> emissions -> CRF (Lample et al.; Ma & Hovy)."""
-    return BiLSTMTagger(cfg, spec.vocab_size, spec.char_vocab_size, spec.num_tags)
+    """Word embeddings ++ char CNN/BiLSTM features [++ Transformer encoder] -> BiLSTM -> emissions -> CRF."""
+    return BiLSTMTagger(cfg, spec)
 
 
 EXAMPLE = TagSpec(vocab_size=40, char_vocab_size=20, num_tags=9, max_len=16, scheme="bio",

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .. import run as R
 from ..config import check
-from ..data import Batch
+from ..data import Batch, pad
 from ..data.image import ImageSpec
 from ..data.sentences import TextSpec
 from ..report import pyplot, save_figure
@@ -142,6 +142,7 @@ class Classification(TaskBase):
             batch = next(iter(data.loader("test", 12).epoch(0)))
             lines += ["", "## Test predictions (a first batch; texts as the model reads them)", ""]
             lines += self.text_predictions(model, batch)
+            lines += self.confident_mistakes(model, data)
             if isinstance(model, ShowsAttention):
                 lines += self.attention_map(model, batch["x"], folder / R.PLOTS / "attention.png")
         return lines
@@ -157,6 +158,25 @@ class Classification(TaskBase):
         cut = f" (its first {most} of {len(labels)} positions)" if len(labels) > most else ""
         return ["", f"## Attention of one test text{cut}: rows attend to columns, one map per layer and head", "",
                 f"![attention]({R.PLOTS}/{path.name})"]
+
+    @torch.no_grad()
+    def confident_mistakes(self, model: nn.Module, data: Any, n: int = 8, limit: int = 2000) -> list[str]:
+        """The `n` wrong predictions with the highest probability among the first `limit` test texts, as a table."""
+        device, seen, wrong = next(model.parameters()).device, 0, []
+        for batch in data.loader("test", 250).epoch(0):
+            p, idx = self.probs(model.eval(), batch["x"].to(device)).float().cpu().max(1)
+            for x, y, i, q in zip(batch["x"], batch["y"].tolist(), idx.tolist(), p.tolist(), strict=True):
+                if i != y:
+                    wrong.append((q, x[x != self.spec.pad_id], y))
+            seen += len(batch)
+            if seen >= limit:
+                break
+        if not wrong:
+            return []
+        worst = sorted(wrong, key=lambda r: -r[0])[:n]
+        batch = Batch(x=pad([x for _, x, _ in worst], self.spec.pad_id)[0], y=torch.tensor([y for _, _, y in worst]))
+        return ["", f"## The most confident mistakes (of the first {seen} test texts)", "",
+                *self.text_predictions(model, batch)]
 
     def text_predictions(self, model: nn.Module, batch: Batch) -> list[str]:
         """A Markdown table of a batch of texts (the vocabulary's words, `<unk>` for the others) with their true

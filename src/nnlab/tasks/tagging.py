@@ -5,8 +5,9 @@ with their character spans.
     nnlab train conll-bilstm-crf
     nnlab predict RUN --text "EU rejects German call to boycott British lamb ." --json
 
-The model answers the `Tagger` protocol (models/tagger.py): `model(x, chars, y)` is each sentence's negative
-log-likelihood (a CRF's, or its words' summed cross-entropies), `model(x, chars)` the emission scores, and
+The model answers the `Tagger` protocol (models/tagger.py): `model(x, chars, y, tokens=)` is each sentence's
+negative log-likelihood (a CRF's, or its words' summed cross-entropies), `model(x, chars, tokens=)` the emission
+scores (`tokens`: the batch's pretrained-tokenizer ids with data.vocab_from, else None), and
 `nll`/`decode` score and decode those. The loss is averaged per word (the sum over the batch's sentences divided
 by its words), so its scale does not depend on sentence length or batch size; `loss` in the metrics is the same.
 
@@ -58,6 +59,11 @@ def prf(tp: Tensor, predicted: Tensor, gold: Tensor) -> tuple[Tensor, Tensor, Te
     return p, r, torch.where(p + r > 0, 2 * p * r / (p + r).clamp(min=1e-12), 0.0)
 
 
+def tokens(batch: Batch) -> Tensor | None:
+    """The pretrained tokenizer's ids of the words (data.vocab_from), if the batch has them."""
+    return batch["tokens"] if "tokens" in batch else None
+
+
 @runtime_checkable
 class Tagger(Protocol):
     def nll(self, emissions: Tensor, y: Tensor, mask: Tensor) -> Tensor: ...
@@ -87,7 +93,7 @@ class Tagging(TaskBase):
 
     def step(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
         x = batch["x"]
-        nll = model(x, batch["chars"], batch["y"])  # (B,) inside forward: DDP sees the whole loss
+        nll = model(x, batch["chars"], batch["y"], tokens=tokens(batch))  # (B,) inside forward: DDP sees all of it
         return {"loss": nll.sum() / (x != 0).sum().clamp(min=1)}
 
     def counts(self, gold: list[list[str]], pred: list[list[str]]) -> Tensor:
@@ -104,7 +110,7 @@ class Tagging(TaskBase):
     def eval_stats(self, model: nn.Module, batch: Batch, final: bool = True) -> dict[str, Tensor]:
         x, y, net = batch["x"], batch["y"], self.tagger(model)
         mask = x != 0
-        em = model(x, batch["chars"])  # (B, T, K)
+        em = model(x, batch["chars"], tokens=tokens(batch))  # (B, T, K)
         nll, pred = net.nll(em, y, mask), net.decode(em, mask)
         n = mask.sum(1).tolist()
         tags = self.spec.tags
@@ -166,11 +172,11 @@ class Tagging(TaskBase):
     @torch.no_grad()
     def examples(self, model: nn.Module, data: TagData, split: str, n: int = 10) -> list[str]:
         """A Markdown table of the first `n` sentences of `split` with their true and predicted entities."""
-        x, chars, y = collate(data.rows[split][:n])
-        device = next(model.parameters()).device
-        pred = self.tagger(model.eval()).decode(model(x.to(device), chars.to(device)), (x != 0).to(device)).cpu()
+        batch = Batch(**collate(data.rows[split][:n])).to(next(model.parameters()).device)
+        x = batch["x"]
+        pred = self.tagger(model.eval()).decode(model(x, batch["chars"], tokens=tokens(batch)), x != 0).cpu()
         rows = ["| true | predicted |", "|---|---|"]
-        for s, gold, guess in zip(data.sentences[split][:n], y.tolist(), pred.tolist(), strict=False):
+        for s, gold, guess in zip(data.sentences[split][:n], batch["y"].tolist(), pred.tolist(), strict=False):
             k = len(s.words)
             want, got = (entities([self.spec.tags[i] for i in t[:k]]) for t in (gold, guess))
             mark = "" if want == got else " ✗"
@@ -186,8 +192,9 @@ class Tagging(TaskBase):
             return rows
         net = self.tagger(model.eval())
         device = next(model.parameters()).device
-        x = batch["x"].to(device)
-        pred = net.decode(model(x, batch["chars"].to(device)), x != 0).tolist()  # (B, T) tag ids
+        batch = batch.to(device)
+        x = batch["x"]
+        pred = net.decode(model(x, batch["chars"], tokens=tokens(batch)), x != 0).tolist()  # (B, T) tag ids
         good = [r for r in rows if "error" not in r]
         texts = [t for t, e in zip(inputs, errors, strict=True) if not e]
         for row, text, tags, spans, note in zip(good, texts, pred, batch["spans"], batch["notes"], strict=True):
