@@ -20,13 +20,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import line, measure  # noqa: E402
 
 import nnlab as nl  # noqa: E402
+from nnlab.config import section_from_dict  # noqa: E402
 from nnlab.data import datasets  # noqa: E402
 from nnlab.infer import load_model  # noqa: E402
 
 
 def test_texts(folder: Path, n: int = 256) -> list[str]:
     """`n` test texts of the run's dataset, spread over the split: sentences' texts, or a tagger's words joined."""
-    cfg = nl.load_run(folder).config.data
+    cfg = section_from_dict(datasets, nl.load_run(folder).config["data"])
     data = datasets[cfg.name].factory(cfg)
     texts = (data.texts["test"][0] if hasattr(data, "texts")
              else [" ".join(s.words) for s in data.sentences["test"]])
