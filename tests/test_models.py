@@ -16,6 +16,7 @@ from nnlab.data.image import ImageSpec
 from nnlab.data.sentences import TextSpec
 from nnlab.data.text import TokenSpec
 from nnlab.models import InitFromData, attend, build, models
+from nnlab.tasks.generative import Autoencoding, Generative
 
 
 @pytest.mark.parametrize("name", models.names())
@@ -29,10 +30,16 @@ def test_forward_backward(name: str) -> None:
         model.init_from_data(batch)
     args = inspect.signature(model.forward).parameters  # a model takes the batch's fields by name
     out = model(**{k: batch[k] for k in args if k in batch})
-    if isinstance(spec, MaskedTextSpec):  # a masked LM: token logits at every position (a TextSpec without classes)
+    if isinstance(model, Autoencoding):  # reconstructions (a VAE: the decoder's parameters, first of a tuple)
+        out = out[0] if isinstance(out, tuple) else out
+        assert out.shape[0] == 4 and out.shape[2:] == batch["x"].shape[2:]
+    elif isinstance(model, Generative):  # a GAN: the critic's score of each image; its generator's images join in
+        assert out.shape == (4, 1)
+        out = out + model.generator(torch.randn(4, model.latent_dim)).mean()
+    elif isinstance(spec, MaskedTextSpec):  # a masked LM: token logits at every position (a TextSpec without classes)
         assert out.shape == (*batch["x"].shape, spec.vocab_size)
-    elif isinstance(spec, (ImageSpec, TextSpec)):  # one row of class logits per example
-        assert out.shape == (4, spec.num_classes)
+    elif isinstance(spec, (ImageSpec, TextSpec)):  # one row of class logits (or of a projection head) per example
+        assert out.shape == (4, getattr(cfg, "proj_dim", spec.num_classes))
     elif isinstance(spec, TagSpec):  # given the tags y, each sentence's negative log-likelihood (every parameter)
         assert out.shape == (4,)
     elif isinstance(spec, TokenSpec):  # next-token logits at every position

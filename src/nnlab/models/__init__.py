@@ -58,4 +58,4 @@ def build(name: str, cfg: Any, spec: Any) -> nn.Module:
     return models[name].factory(cfg, spec)
 
 
-from . import cnn, encoder, fastnet, fasttext, gpt, mlp, resnet, rnn, tagger, transformer  # noqa: E402,F401  (registers them)
+from . import autoencoder, cnn, encoder, fastnet, fasttext, gan, gpt, mlp, resnet, rnn, simclr, tagger, transformer  # noqa: E402,F401  (registers them)

@@ -102,4 +102,4 @@ def build(cfg: Any, spec: Any) -> Task:
     return task
 
 
-from . import classification, lm, mlm, seq2seq, tagging  # noqa: E402,F401  (registers the tasks)
+from . import autoencoder, classification, contrastive, gan, generative, lm, mlm, seq2seq, tagging  # noqa: E402,F401  (registers the tasks)
