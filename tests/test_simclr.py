@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import need_data
 
 from nnlab import run as R
 from nnlab.cli import main
@@ -100,7 +101,8 @@ def test_views_shapes_ranges_determinism_and_difference() -> None:
 
 
 def test_views_are_batched_not_looped_per_image() -> None:
-    """The number of tensor operations does not grow with the batch: no per-image Python."""
+    """The number of tensor operations does not grow with the batch: no per-image Python (a loop over images would
+    add at least one operation per image; a few may differ with the threads torch's kernels split into)."""
     t = task()
 
     def ops(n: int) -> int:
@@ -108,7 +110,7 @@ def test_views_are_batched_not_looped_per_image() -> None:
             t.views(images(n), torch.Generator().manual_seed(0))
         return len(prof.events())
 
-    assert ops(4) == ops(64)
+    assert abs(ops(64) - ops(4)) < 60 and abs(ops(256) - ops(4)) < 60
 
 
 def test_geometry_and_colour_identities() -> None:
@@ -341,3 +343,24 @@ def test_resume_draws_the_views_of_an_uninterrupted_run(tmp_path: Path) -> None:
     assert run.summary["status"] == "completed" and run.final == ref.final
     assert run.summary["best"] == ref.summary["best"]
     assert run.evaluate("test")["metrics"] == {k.split("/")[1]: v for k, v in ref.final.items()}
+
+
+def test_cifar10_recipes_end_to_end(tmp_path: Path, capsys) -> None:
+    """The shipped CIFAR-10 recipes as they are (16x16 views, channels-last, precision auto), a few steps each."""
+    data = need_data("cifar10", "cifar-10-python.tar.gz")
+    out = ["--out", str(tmp_path), "--data-dir", str(data), "-q", "train.threads=1", "train.tensorboard=false"]
+    small = [
+        "train.max_steps=3",
+        "train.batch_size=128",
+        "data.val_size=1000",
+        "train.eval_every=0",
+        "train.eval_every_steps=3",
+        "train.final_splits=[]",
+    ]
+    assert main(["train", "cifar10-simclr", *small, "task.knn_bank=1000", *out]) == 0, capsys.readouterr().err
+    pre = run_folder(capsys)
+    row = [r for r in R.read_metrics(pre) if "val/knn_acc" in r][-1]
+    # the monitor's plumbing on real data (a random encoder is above chance too)
+    assert row["val/knn_acc"] > 0.15 and row["step"] == 3
+    assert main(["train", "cifar10-linear-probe", *small, f"init.from={pre}", *out]) == 0, capsys.readouterr().err
+    assert len(json.loads((run_folder(capsys) / R.INIT).read_text())["loaded"]) == 38
