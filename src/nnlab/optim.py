@@ -59,10 +59,12 @@ class AdamWConfig:
 
 
 def param_groups(model: nn.Module, muon: bool = False) -> list[dict[str, Any]]:
+    return model.param_groups() if isinstance(model, HasParamGroups) else general_groups(model, muon)
+
+
+def general_groups(model: nn.Module, muon: bool = False) -> list[dict[str, Any]]:
     """The general rule: decay on >=2-D weights, none on biases and norm parameters; with `muon`, the hidden
     >=2-D weights (every matrix/filter but the first layer's and the head's) go to Muon (Jordan's recipe)."""
-    if isinstance(model, HasParamGroups):
-        return model.param_groups()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     matrices = [n for n, p in model.named_parameters() if p.ndim >= 2]
     ends = (matrices[0], matrices[-1]) if matrices else ()

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from ..config import check
 from ..data.conll import IGNORE, TagSpec
 from ..errors import UserError
+from ..optim import general_groups
 from . import gpt2_init, models
 from .encoder import EncoderConfig, TextEncoder
 from .rnn import Recurrent
@@ -223,18 +224,13 @@ class BiLSTMTagger(nn.Module):
 
 
     def param_groups(self) -> list[dict]:
-        """Decay on >=2-D weights (optim.py's general rule); with `encoder_lr`, the encoder's at that peak rate."""
-        groups = []
-        for part, lr in ((self.encoder, self.cfg.encoder_lr), (self, 0.0)):
-            if part is None:
-                continue
-            named = [(n, p) for n, p in part.named_parameters() if p.requires_grad
-                     and (part is not self or not n.startswith("encoder."))]
-            for decay in (True, False):
-                params = [p for _, p in named if (p.ndim >= 2) == decay]
-                if params:
-                    groups.append({"params": params, "decay": decay} | ({"lr": lr} if lr and part is not self else {}))
-        return groups
+        """optim.py's general rule; with `encoder_lr`, each group's encoder part split off at that peak rate."""
+        groups = general_groups(self)
+        if self.encoder is None or not self.cfg.encoder_lr:
+            return groups
+        mine = {id(p) for p in self.encoder.parameters()}
+        split = [(g, [p for p in g["params"] if (id(p) in mine) == enc], enc) for g in groups for enc in (False, True)]
+        return [g | {"params": ps} | ({"lr": self.cfg.encoder_lr} if enc else {}) for g, ps, enc in split if ps]
 
 
 def _tagger(cfg: TaggerConfig, spec: TagSpec) -> BiLSTMTagger:
